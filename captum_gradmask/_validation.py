@@ -1,0 +1,114 @@
+"""Checks of public arguments, with errors that name the argument."""
+
+from typing import List, Tuple
+
+import torch
+from torch import Tensor
+
+from captum_gradmask._compat import _format_tensor_into_tuples
+
+IndexTuple = Tuple[int, ...]
+
+
+def check_float_inputs(inputs: object, name: str = "inputs") -> Tuple[Tensor, ...]:
+    """Return ``inputs`` as a tuple after checking it holds non-empty float tensors
+    with one batch size on one device."""
+    if not isinstance(inputs, (Tensor, tuple)):
+        raise TypeError(
+            f"{name} must be a Tensor or a tuple of Tensors, got {type(inputs).__name__}"
+        )
+    inputs_tuple = _format_tensor_into_tuples(inputs)
+    if len(inputs_tuple) == 0:
+        raise ValueError(f"{name} is an empty tuple; expected at least one Tensor")
+    for position, tensor in enumerate(inputs_tuple):
+        label = name if isinstance(inputs, Tensor) else f"{name}[{position}]"
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{label} must be a Tensor, got {type(tensor).__name__}")
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(
+                f"{label} must have a floating-point dtype to take gradients, "
+                f"got {tensor.dtype}"
+            )
+        if tensor.dim() == 0 or tensor.shape[0] == 0:
+            raise ValueError(
+                f"{label} must have a non-empty batch dimension, got shape "
+                f"{tuple(tensor.shape)}"
+            )
+        if tensor.shape[0] != inputs_tuple[0].shape[0]:
+            raise ValueError(
+                f"{label} has batch size {tensor.shape[0]} but {name}[0] has "
+                f"{inputs_tuple[0].shape[0]}; all inputs must share dimension 0"
+            )
+        if tensor.device != inputs_tuple[0].device:
+            raise ValueError(
+                f"{label} is on {tensor.device} but {name}[0] is on "
+                f"{inputs_tuple[0].device}; put all inputs on one device"
+            )
+    return inputs_tuple
+
+
+def _as_index_tuple(value: object, name: str) -> IndexTuple:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,)
+    if isinstance(value, tuple) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return value
+    raise TypeError(
+        f"{name} entries must be ints or tuples of ints, got {value!r}"
+    )
+
+
+def per_example_targets(target: object, batch_size: int, name: str) -> List[IndexTuple]:
+    """Turn a target in any form Captum accepts into one index tuple per example.
+
+    Forms: an int or a tuple (the same output index for every example), a
+    one-element integer Tensor, or a list / 1-D integer Tensor with one entry per
+    example.
+    """
+    if target is None:
+        raise ValueError(f"{name} must be given; got None")
+    if isinstance(target, Tensor):
+        if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+            raise TypeError(f"{name} must be an integer Tensor, got {target.dtype}")
+        if target.numel() == 1:
+            target = int(target.reshape(()))
+        elif target.dim() == 1:
+            target = target.tolist()
+        else:
+            raise ValueError(
+                f"{name} as a Tensor must be 1-D with one entry per example, got "
+                f"shape {tuple(target.shape)}"
+            )
+    if isinstance(target, list):
+        if len(target) != batch_size:
+            raise ValueError(
+                f"{name} has {len(target)} entries but inputs have {batch_size} "
+                "examples; give one entry per example or a single int/tuple"
+            )
+        return [_as_index_tuple(entry, name) for entry in target]
+    return [_as_index_tuple(target, name)] * batch_size
+
+
+def check_targets_in_range(
+    targets: List[IndexTuple], output_shape: torch.Size, name: str
+) -> None:
+    """Check every index tuple addresses one element of an output of ``output_shape``
+    (batch dimension first)."""
+    per_example_shape = tuple(output_shape[1:])
+    for index in targets:
+        if len(index) != len(per_example_shape) or not all(
+            0 <= i < size for i, size in zip(index, per_example_shape)
+        ):
+            raise ValueError(
+                f"{name} {index if len(index) > 1 else index[0]} is out of range for "
+                f"the model output of shape {tuple(output_shape)}; expected "
+                f"{len(per_example_shape)} indices with 0 <= index < {per_example_shape}"
+            )
+
+
+def select_targets(output: Tensor, targets: List[IndexTuple]) -> Tensor:
+    """Pick ``output[b, *targets[b]]`` for every example b, as a 1-D tensor."""
+    index = torch.tensor(targets, device=output.device, dtype=torch.long)
+    rows = torch.arange(output.shape[0], device=output.device)
+    return output[(rows, *index.unbind(dim=1))]
