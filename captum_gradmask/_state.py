@@ -20,3 +20,14 @@ def preserved_requires_grad(tensors: Sequence[object]) -> Iterator[None]:
     finally:
         for tensor, flag in zip(leaves, flags):
             tensor.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def preserved_training_modes(module: torch.nn.Module) -> Iterator[None]:
+    """Restore the ``training`` flag of ``module`` and every submodule on exit."""
+    modes = [(submodule, submodule.training) for submodule in module.modules()]
+    try:
+        yield
+    finally:
+        for submodule, mode in modes:
+            submodule.training = mode

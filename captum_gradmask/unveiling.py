@@ -1,0 +1,316 @@
+"""Iterative unveiling: hide the region an attribution found and ask again."""
+
+from typing import List, NamedTuple, Optional, Union
+
+import torch
+from captum.attr import Attribution
+from captum.log import log_usage
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from captum_gradmask._compat import _format_output, _is_tuple, _run_forward
+from captum_gradmask.refine import (
+    box_mean,
+    check_refine_options,
+    refine_mask_checked_options,
+)
+
+BaselineType = Union[int, float, Tensor, str]
+_BLUR_PASSES = 3
+
+
+class UnveilingResult(NamedTuple):
+    """What ``IterativeUnveiling.unveil`` found, K = ``n_iter``.
+
+    Attributes:
+        masks (Tensor): bool (N, K, 1, *spatial); ``masks[:, k]`` is the region newly
+            found at iteration k + 1. Regions of one sample are disjoint; all False
+            once the sample has stopped.
+        attributions (Tensor): (N, K, C, *spatial); the map refined at iteration
+            k + 1, with already-hidden pixels zeroed; zero after the sample stopped.
+        scores (Tensor): (N, K + 1); the target output on the input, then after
+            each iteration's hiding. A stopped sample repeats its last score.
+        order (Tensor): long (N, 1, *spatial); 0 where never found, k where found
+            at iteration k.
+        n_found (Tensor): long (N,); the number of iterations that found a region.
+    """
+
+    masks: Tensor
+    attributions: Tensor
+    scores: Tensor
+    order: Tensor
+    n_found: Tensor
+
+
+class IterativeUnveiling(Attribution):
+    r"""Reveal the regions a model uses beyond the most salient one (Bordes et al.).
+
+    Each iteration attributes the current input with the wrapped method, zeroes the
+    attribution of pixels already hidden, refines it into a region mask with
+    :func:`~captum_gradmask.refine.refine_mask`, hides the new region by filling it
+    with the baseline and records the target score. A sample stops when an
+    iteration finds nothing new; it stays in the batch, with its results frozen, so
+    per-sample targets and ``additional_forward_args`` keep their layout. Hidden
+    pixels are never selected again.
+
+    Args:
+        attribution_method (Attribution): any Captum attribution of image inputs
+            whose output is shaped like its input, e.g. ``Saliency(model)``,
+            ``NoiseTunnel(GuidedBackprop(model))``, ``IntegratedGradients(model)`` or
+            ``ContrastSaliency(model)``. It is not changed.
+
+    Examples::
+
+        >>> unveiling = IterativeUnveiling(NoiseTunnel(GuidedBackprop(model)))
+        >>> result = unveiling.unveil(images, target=1, n_iter=5, nt_samples=10)
+        >>> result.masks.shape            # (N, 5, 1, H, W) bool
+        >>> first_found = unveiling.attribute(images, target=1)   # shaped like images
+    """
+
+    def __init__(self, attribution_method: Attribution) -> None:
+        if not isinstance(attribution_method, Attribution):
+            raise TypeError(
+                "attribution_method must be a Captum Attribution, got "
+                f"{type(attribution_method).__name__}"
+            )
+        self.attribution_method = attribution_method
+        super().__init__(attribution_method.forward_func)
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Union[Tensor, tuple],
+        target: object = None,
+        n_iter: int = 5,
+        baselines: BaselineType = 0.0,
+        kernel_size: int = 11,
+        n_passes: int = 3,
+        threshold: float = 0.5,
+        normalize: str = "max",
+        threshold_mode: str = "value",
+        additional_forward_args: Optional[object] = None,
+        show_progress: bool = False,
+        **attribute_kwargs: object,
+    ) -> Union[Tensor, tuple]:
+        r"""Unveil and return how early each pixel was found, shaped like ``inputs``.
+
+        A pixel found at iteration k gets ``(n_iter + 1 - k) / n_iter`` in every
+        channel (1 for the first region, 1 / n_iter for the last), a pixel never
+        found gets 0. Arguments as in :meth:`unveil`.
+
+        Returns:
+            Tensor or tuple[Tensor]: as ``inputs``, in their dtype.
+        """
+        result = self.unveil(
+            inputs,
+            target=target,
+            n_iter=n_iter,
+            baselines=baselines,
+            kernel_size=kernel_size,
+            n_passes=n_passes,
+            threshold=threshold,
+            normalize=normalize,
+            threshold_mode=threshold_mode,
+            additional_forward_args=additional_forward_args,
+            show_progress=show_progress,
+            **attribute_kwargs,
+        )
+        image = _single_image(inputs)
+        earliness = (n_iter + 1 - result.order).to(image.dtype) / n_iter
+        earliness = torch.where(result.order > 0, earliness, 0)
+        return _format_output(_is_tuple(inputs), (earliness.expand_as(image).contiguous(),))
+
+    def unveil(
+        self,
+        inputs: Union[Tensor, tuple],
+        target: object = None,
+        n_iter: int = 5,
+        baselines: BaselineType = 0.0,
+        kernel_size: int = 11,
+        n_passes: int = 3,
+        threshold: float = 0.5,
+        normalize: str = "max",
+        threshold_mode: str = "value",
+        additional_forward_args: Optional[object] = None,
+        show_progress: bool = False,
+        **attribute_kwargs: object,
+    ) -> UnveilingResult:
+        r"""Run the unveiling iterations and return every step.
+
+        Args:
+            inputs (Tensor or tuple[Tensor]): one float image batch (N, C, *spatial),
+                1 to 3 spatial dimensions. Pass other model inputs through
+                ``additional_forward_args``.
+            target (int, tuple, Tensor or list, optional): the output explained and
+                scored, in any form Captum accepts; it must select one value per
+                example. Default: None
+            n_iter (int): number of iterations K. Default: 5
+            baselines (float, Tensor or str): what hidden pixels are filled with: a
+                number; a tensor shaped like ``inputs`` or (1, C, *spatial); ``"mean"``,
+                each sample's per-channel mean; or ``"blur"``, the input box-blurred
+                3 times with ``kernel_size`` (edge-corrected). Default: 0.0
+            kernel_size, n_passes, threshold, normalize, threshold_mode: refinement
+                options, see :func:`~captum_gradmask.refine.refine_mask`.
+            additional_forward_args (Any, optional): passed to the model after the
+                inputs, both by the wrapped method and when scoring.
+            show_progress (bool): show a tqdm progress bar over iterations.
+                Default: False
+            **attribute_kwargs: passed to the wrapped method's ``attribute``, e.g.
+                ``nt_samples`` for NoiseTunnel or ``n_steps`` for IntegratedGradients.
+
+        Returns:
+            UnveilingResult: masks, attributions, scores, order map and per-sample
+            number of regions found; see :class:`UnveilingResult`. The model runs in
+            whatever mode it is in: put it in eval mode first.
+        """
+        image = _single_image(inputs)
+        _check_n_iter(n_iter)
+        check_refine_options(kernel_size, n_passes, threshold, normalize, threshold_mode)
+        baseline = _baseline_tensor(baselines, image, kernel_size)
+        refine_options = (kernel_size, n_passes, threshold, normalize, threshold_mode)
+
+        image = image.detach()  # an alias: the caller's tensor is never handed out
+        spatial_ones = (1,) * (image.dim() - 2)
+        hidden = torch.zeros_like(image[:, :1], dtype=torch.bool)
+        active = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
+        current = _fresh_leaf(image)
+        scores = [self._score(current, target, additional_forward_args)]
+        masks: List[Tensor] = []
+        attributions: List[Tensor] = []
+        for _ in tqdm(range(n_iter), desc="Unveiling", disable=not show_progress):
+            if not bool(active.any()):
+                break
+            attribution = self._attribute(
+                current, target, additional_forward_args, attribute_kwargs
+            )
+            stopped = ~active.view(-1, 1, *spatial_ones)
+            # A zero map refines to an empty mask, so stopped samples find nothing.
+            attribution = attribution.masked_fill(hidden | stopped, 0)
+            new_region = refine_mask_checked_options(attribution, *refine_options) & ~hidden
+            active = new_region.flatten(start_dim=1).any(dim=1)
+            hidden = hidden | new_region
+            current = _fresh_leaf(torch.where(hidden, baseline, image))
+            scores.append(self._score(current, target, additional_forward_args))
+            masks.append(new_region)
+            attributions.append(attribution)
+        return _collect_result(masks, attributions, scores, n_iter)
+
+    def _attribute(
+        self,
+        inputs: Tensor,
+        target: object,
+        additional_forward_args: Optional[object],
+        attribute_kwargs: dict,
+    ) -> Tensor:
+        if additional_forward_args is not None:
+            attribute_kwargs = {
+                **attribute_kwargs, "additional_forward_args": additional_forward_args
+            }
+        attribution = self.attribution_method.attribute(inputs, target=target, **attribute_kwargs)
+        if not isinstance(attribution, Tensor) or attribution.shape != inputs.shape:
+            received = getattr(attribution, "shape", type(attribution).__name__)
+            raise ValueError(
+                f"{type(self.attribution_method).__name__}.attribute must return one "
+                f"Tensor shaped like the inputs {tuple(inputs.shape)}, got {received}"
+                " (is return_convergence_delta set?)"
+            )
+        return attribution.detach()
+
+    def _score(
+        self, inputs: Tensor, target: object, additional_forward_args: Optional[object]
+    ) -> Tensor:
+        with torch.no_grad():
+            selected = _run_forward(self.forward_func, inputs, target, additional_forward_args)
+        if selected.numel() != inputs.shape[0]:
+            raise ValueError(
+                "target must select one model output per example to record scores; "
+                f"the selection has shape {tuple(selected.shape)} for "
+                f"{inputs.shape[0]} examples"
+            )
+        return selected.reshape(-1)
+
+
+def _collect_result(
+    masks: List[Tensor], attributions: List[Tensor], scores: List[Tensor], n_iter: int
+) -> UnveilingResult:
+    """Stack per-iteration lists, padding iterations skipped after every sample stopped."""
+    for _ in range(n_iter - len(masks)):
+        masks.append(torch.zeros_like(masks[0]))
+        attributions.append(torch.zeros_like(attributions[0]))
+        scores.append(scores[-1])
+    stacked_masks = torch.stack(masks, dim=1)
+    iteration = torch.arange(1, n_iter + 1, device=stacked_masks.device)
+    iteration = iteration.view(1, n_iter, *([1] * (stacked_masks.dim() - 2)))
+    order = (stacked_masks * iteration).sum(dim=1)  # regions are disjoint
+    return UnveilingResult(
+        masks=stacked_masks,
+        attributions=torch.stack(attributions, dim=1),
+        scores=torch.stack(scores, dim=1),
+        order=order,
+        n_found=stacked_masks.flatten(start_dim=2).any(dim=2).sum(dim=1),
+    )
+
+
+def _fresh_leaf(inputs: Tensor) -> Tensor:
+    # Gradient methods need requires_grad and warn when they have to set it; this
+    # tensor is ours, so set it here.
+    return inputs.detach().requires_grad_()
+
+
+def _single_image(inputs: object) -> Tensor:
+    """The image batch from a Tensor or a one-element tuple, after checks."""
+    if isinstance(inputs, tuple):
+        if len(inputs) != 1:
+            raise ValueError(
+                f"inputs must be one image batch; got a tuple of {len(inputs)}. Pass "
+                "the other model inputs through additional_forward_args"
+            )
+        (inputs,) = inputs
+    if not isinstance(inputs, Tensor):
+        raise TypeError(f"inputs must be a Tensor, got {type(inputs).__name__}")
+    if not inputs.dtype.is_floating_point:
+        raise TypeError(f"inputs must have a floating-point dtype, got {inputs.dtype}")
+    if not 3 <= inputs.dim() <= 5 or inputs.numel() == 0:
+        raise ValueError(
+            "inputs must be a non-empty batch shaped (N, C, *spatial) with 1 to 3 "
+            f"spatial dimensions, got shape {tuple(inputs.shape)}"
+        )
+    return inputs
+
+
+def _check_n_iter(n_iter: object) -> None:
+    if not isinstance(n_iter, int) or isinstance(n_iter, bool):
+        raise TypeError(f"n_iter must be an int, got {n_iter!r}")
+    if n_iter < 1:
+        raise ValueError(f"n_iter must be >= 1, got {n_iter}")
+
+
+def _baseline_tensor(baselines: object, image: Tensor, kernel_size: int) -> Tensor:
+    """The fill values for hidden pixels, broadcastable against ``image``."""
+    if isinstance(baselines, str):
+        if baselines == "mean":
+            return image.mean(dim=tuple(range(2, image.dim())), keepdim=True).detach()
+        if baselines == "blur":
+            blurred = box_mean(image.detach(), kernel_size, _BLUR_PASSES)
+            coverage = box_mean(torch.ones_like(image[:1, :1]), kernel_size, _BLUR_PASSES)
+            return blurred / coverage
+        raise ValueError(f'baselines as a string must be "mean" or "blur", got {baselines!r}')
+    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+        return torch.tensor(baselines, device=image.device, dtype=image.dtype)
+    if isinstance(baselines, Tensor):
+        batch_shape, single_shape = image.shape, (1, *image.shape[1:])
+        if baselines.shape not in (batch_shape, single_shape):
+            raise ValueError(
+                f"baselines must be shaped like inputs {tuple(batch_shape)} or "
+                f"{single_shape}, got {tuple(baselines.shape)}"
+            )
+        if baselines.dtype != image.dtype or baselines.device != image.device:
+            raise ValueError(
+                f"baselines must match inputs in dtype and device ({image.dtype}, "
+                f"{image.device}), got ({baselines.dtype}, {baselines.device})"
+            )
+        return baselines.detach()
+    raise TypeError(
+        'baselines must be a number, a Tensor, "mean" or "blur", got '
+        f"{type(baselines).__name__}"
+    )
