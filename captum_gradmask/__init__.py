@@ -2,12 +2,36 @@
 
 A Captum plugin: saliency-based training penalties (GradMask), contrast saliency,
 differentiable Captum attributions, mask refinement, iterative unveiling and
-MC-dropout uncertainty.
+MC-dropout uncertainty. Localisation metrics live in ``captum_gradmask.metrics``,
+offline data generators in ``captum_gradmask.datasets``.
 """
 
 from captum_gradmask.contrast_saliency import ContrastSaliency
 from captum_gradmask.differentiable import differentiable
+from captum_gradmask.gradmask import GradMask, GradMaskOutput, gradmask_penalty
+from captum_gradmask.mc_dropout import (
+    MCAttribution,
+    MCDropout,
+    Uncertainty,
+    predictive_uncertainty,
+)
+from captum_gradmask.refine import refine_mask
+from captum_gradmask.unveiling import IterativeUnveiling, UnveilingResult
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["ContrastSaliency", "differentiable", "__version__"]
+__all__ = [
+    "ContrastSaliency",
+    "GradMask",
+    "GradMaskOutput",
+    "IterativeUnveiling",
+    "MCAttribution",
+    "MCDropout",
+    "Uncertainty",
+    "UnveilingResult",
+    "differentiable",
+    "gradmask_penalty",
+    "predictive_uncertainty",
+    "refine_mask",
+    "__version__",
+]

@@ -1,6 +1,7 @@
 """Iterative unveiling: hide the region an attribution found and ask again."""
 
-from typing import List, NamedTuple, Optional, Union
+import contextlib
+from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from captum.attr import Attribution
@@ -8,7 +9,7 @@ from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from captum_gradmask._compat import _format_output, _is_tuple, _run_forward
+from captum_gradmask._compat import _format_output, _is_tuple, _run_forward, _select_targets
 from captum_gradmask.refine import (
     box_mean,
     check_refine_options,
@@ -174,15 +175,18 @@ class IterativeUnveiling(Attribution):
         hidden = torch.zeros_like(image[:, :1], dtype=torch.bool)
         active = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
         current = _fresh_leaf(image)
+        # Scored before the wrapped method runs, so a bad target fails with our message.
         scores = [self._score(current, target, additional_forward_args)]
         masks: List[Tensor] = []
         attributions: List[Tensor] = []
-        for _ in tqdm(range(n_iter), desc="Unveiling", disable=not show_progress):
+        for iteration in tqdm(range(n_iter), desc="Unveiling", disable=not show_progress):
             if not bool(active.any()):
                 break
-            attribution = self._attribute(
+            attribution, outputs = self._attribute_keeping_outputs(
                 current, target, additional_forward_args, attribute_kwargs
             )
+            if iteration > 0:
+                scores.append(self._score(current, target, additional_forward_args, outputs))
             stopped = ~active.view(-1, 1, *spatial_ones)
             # A zero map refines to an empty mask, so stopped samples find nothing.
             attribution = attribution.masked_fill(hidden | stopped, 0)
@@ -190,22 +194,41 @@ class IterativeUnveiling(Attribution):
             active = new_region.flatten(start_dim=1).any(dim=1)
             hidden = hidden | new_region
             current = _fresh_leaf(torch.where(hidden, baseline, image))
-            scores.append(self._score(current, target, additional_forward_args))
             masks.append(new_region)
             attributions.append(attribution)
+        scores.append(self._score(current, target, additional_forward_args))
         return _collect_result(masks, attributions, scores, n_iter)
 
-    def _attribute(
+    def _attribute_keeping_outputs(
         self,
         inputs: Tensor,
         target: object,
         additional_forward_args: Optional[object],
         attribute_kwargs: dict,
-    ) -> Tensor:
+    ) -> Tuple[Tensor, Optional[Tensor]]:
+        """The wrapped method's attribution of ``inputs``, and the model outputs at
+        ``inputs`` if the method computed them.
+
+        Methods that run the model on the inputs as they are (Saliency,
+        GuidedBackprop, ContrastSaliency) compute the outputs the score needs: a
+        forward hook keeps them, which saves one forward pass per iteration. Others
+        (noisy or scaled inputs, a forward function that is not a module) give None.
+        """
         if additional_forward_args is not None:
             attribute_kwargs = {
                 **attribute_kwargs, "additional_forward_args": additional_forward_args
             }
+        outputs_at_inputs: List[Tensor] = []
+
+        def keep_outputs_at_inputs(module, args, outputs) -> None:
+            if not outputs_at_inputs and args and args[0] is inputs:
+                outputs_at_inputs.append(outputs.detach())
+
+        with _forward_hook(self.forward_func, keep_outputs_at_inputs):
+            attribution = self._attribute(inputs, target, attribute_kwargs)
+        return attribution, (outputs_at_inputs[0] if outputs_at_inputs else None)
+
+    def _attribute(self, inputs: Tensor, target: object, attribute_kwargs: dict) -> Tensor:
         attribution = self.attribution_method.attribute(inputs, target=target, **attribute_kwargs)
         if not isinstance(attribution, Tensor) or attribution.shape != inputs.shape:
             received = getattr(attribution, "shape", type(attribution).__name__)
@@ -217,10 +240,17 @@ class IterativeUnveiling(Attribution):
         return attribution.detach()
 
     def _score(
-        self, inputs: Tensor, target: object, additional_forward_args: Optional[object]
+        self,
+        inputs: Tensor,
+        target: object,
+        additional_forward_args: Optional[object],
+        outputs: Optional[Tensor] = None,
     ) -> Tensor:
-        with torch.no_grad():
-            selected = _run_forward(self.forward_func, inputs, target, additional_forward_args)
+        """The target output at ``inputs``, from ``outputs`` if given, else a forward pass."""
+        if outputs is None:
+            with torch.no_grad():
+                outputs = _run_forward(self.forward_func, inputs, None, additional_forward_args)
+        selected = _select_targets(outputs, target)
         if selected.numel() != inputs.shape[0]:
             raise ValueError(
                 "target must select one model output per example to record scores; "
@@ -228,6 +258,19 @@ class IterativeUnveiling(Attribution):
                 f"{inputs.shape[0]} examples"
             )
         return selected.reshape(-1)
+
+
+@contextlib.contextmanager
+def _forward_hook(forward_func: object, hook: Callable) -> Iterator[None]:
+    """Register ``hook`` on ``forward_func`` if it is a module, and remove it on exit."""
+    if not isinstance(forward_func, torch.nn.Module):
+        yield
+        return
+    handle = forward_func.register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _collect_result(

@@ -132,6 +132,19 @@ def test_finds_weaker_blob_after_stronger(device):
     assert stub.calls == 3  # the third iteration found nothing: every sample stopped
 
 
+def test_scores_reuse_the_forward_of_saliency(device):
+    """Saliency runs the model on the unveiled input itself, so only the first and
+    the last score need a forward pass of their own."""
+    model = max_pooling_cnn().to(device)
+    calls = []
+    model.register_forward_hook(lambda module, args, outputs: calls.append(1))
+    images = blob_images(2, device)
+    result = IterativeUnveiling(Saliency(model)).unveil(images, target=1, n_iter=2, kernel_size=3)
+    assert len(calls) == 2 + 2
+    reference = expected_scores(model, images, result.masks, 0.0, target=1)
+    torch.testing.assert_close(result.scores, reference)
+
+
 def test_per_sample_stop_and_score_padding(device):
     model = max_pooling_cnn().to(device)
     attribution_map = torch.zeros(2, 1, SIDE, SIDE, device=device)
