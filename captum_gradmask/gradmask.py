@@ -14,7 +14,7 @@ Saliency", MIDL 2019. For each example b with a mask:
 
 import contextlib
 import warnings
-from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -84,9 +84,10 @@ def gradmask_penalty(
             one) or "sum".
         method (str): "exact" differentiates the saliency (double backprop).
             "finite_difference" returns the same penalty value with a parameter
-            gradient from a central difference of the saliency objective along the
-            penalty's direction (Finlay & Oberman 2019): no double backward, so it
-            works with ``torch.compile`` and kernels that have no second derivative.
+            gradient from a forward difference of the saliency objective along the
+            penalty's direction (Finlay & Oberman 2019), reusing the forward pass at
+            the inputs: no double backward, so it works with ``torch.compile`` and
+            kernels that have no second derivative.
         dilate (int): radius in pixels of a square dilation of the mask before
             weighting (the authors blurred their masks; sigma ~ radius / 4).
 
@@ -107,8 +108,13 @@ def gradmask_penalty(
         >>> loss.backward()
     """
     _check_options(variant, saliency, norm, reduction, method, dilate)
+    if isinstance(inputs, tuple) and len(inputs) != 1:
+        raise ValueError(
+            f"inputs must be one Tensor (N, C, *spatial), got a tuple of {len(inputs)}; "
+            "pass other model inputs through additional_forward_args"
+        )
     (inputs,) = check_float_inputs(inputs)
-    if not isinstance(inputs, Tensor) or not 3 <= inputs.dim() <= 5:
+    if not 3 <= inputs.dim() <= 5:
         raise ValueError(
             "inputs must be one Tensor (N, C, *spatial) with 1 to 3 spatial dims, got "
             f"shape {tuple(inputs.shape)}"
@@ -123,10 +129,10 @@ def gradmask_penalty(
     rng = _ReplayableRandomState(inputs.device)
 
     leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_()
-    with rng.replay():
+    with _batch_norm_statistics_restored_on_error(forward_func):
         outputs = forward_func(leaf, *extra_args)
+        objective = _saliency_objective(outputs, inputs.shape[0], variant, target, contrast_target)
     rng.advance_past_first_pass()
-    objective = _saliency_objective(outputs, inputs.shape[0], variant, target, contrast_target)
 
     if saliency == "expected_gradients":
         points, scale = _random_path_points(inputs)
@@ -145,9 +151,8 @@ def gradmask_penalty(
         penalty = penalty_of(gradient if scale is None else scale * gradient)
         return GradMaskOutput(outputs, penalty)
 
-    (gradient,) = torch.autograd.grad(
-        objective_at_points.sum(), points, retain_graph=points is leaf
-    )
+    objective_sum = objective_at_points.sum()
+    (gradient,) = torch.autograd.grad(objective_sum, points, retain_graph=True)
     attributions = (gradient if scale is None else scale * gradient).requires_grad_()
     with torch.enable_grad():
         penalty_value = penalty_of(attributions)
@@ -158,7 +163,7 @@ def gradmask_penalty(
         with rng.replay(), _preserved_buffers(forward_func):
             return objective(forward_func(shifted_points, *extra_args)).sum()
 
-    surrogate = _directional_derivative(objective_sum_at, points.detach(), direction)
+    surrogate = _directional_derivative(objective_sum_at, points, direction, objective_sum)
     # Value of the exact penalty, gradient of the finite-difference surrogate.
     penalty = penalty_value.detach() + (surrogate - surrogate.detach())
     return GradMaskOutput(outputs, penalty)
@@ -256,8 +261,11 @@ def _saliency_objective(
         raise ValueError(
             f"contrast_target must be an int in [0, {n_classes}), got {contrast_target!r}"
         )
-    if isinstance(target, int) and target == contrast_target:
-        raise ValueError(f"contrast_target must differ from target, both are {target}")
+    if bool((target_index == contrast_target).any()):
+        raise ValueError(
+            f"contrast_target must differ from target, both are {contrast_target} "
+            "(for every example: their saliency |z_t - z_c| would be 0)"
+        )
     return lambda logits: (logits[rows, target_index] - logits[:, contrast_target]).abs()
 
 
@@ -325,20 +333,29 @@ def _dilate(mask: Tensor, radius: int) -> Tensor:
 
 
 def _directional_derivative(
-    objective_sum_at: Callable[[Tensor], Tensor], points: Tensor, direction: Tensor
+    objective_sum_at: Callable[[Tensor], Tensor],
+    points: Tensor,
+    direction: Tensor,
+    objective_sum: Tensor,
 ) -> Tensor:
-    """Central difference of the objective along ``direction``: its gradient w.r.t.
-    the parameters approximates that of direction . d(objective)/d(points).
+    """Forward difference of the objective along ``direction``, from its sum
+    ``objective_sum`` already computed at ``points`` and one more forward pass: its
+    gradient w.r.t. the parameters (and the points) approximates that of
+    direction . d(objective)/d(points).
 
-    The step is eps ** (1/3) of the input scale, the balance of truncation
-    (O(step^2)) and rounding (O(eps / step)) error of a central difference.
+    The step is eps ** (1/2) of the input scale, the balance of truncation
+    (O(step)) and rounding (O(eps / step)) error of a one-sided difference; a step
+    this small also rarely crosses a ReLU kink, whose jump in the parameter
+    gradient the quotient would divide by the step. It is
+    taken along the direction scaled to max-norm 1, and the quotient scaled back, so
+    a zero or tiny direction (no example has a mask) cannot overflow the step.
     """
-    dtype_step = torch.finfo(points.dtype).eps ** (1 / 3)
-    input_scale = points.abs().amax().clamp_min(1)
-    step = dtype_step * input_scale / direction.abs().amax().clamp_min(torch.finfo(points.dtype).tiny)
-    forward_value = objective_sum_at(points + step * direction)
-    backward_value = objective_sum_at(points - step * direction)
-    return (forward_value - backward_value) / (2 * step)
+    dtype_step = torch.finfo(points.dtype).eps ** (1 / 2)
+    step = dtype_step * points.detach().abs().amax().clamp_min(1)
+    direction_scale = direction.abs().amax()
+    unit_direction = direction / direction_scale.clamp_min(torch.finfo(points.dtype).tiny)
+    shifted_value = objective_sum_at(points + step * unit_direction)
+    return (shifted_value - objective_sum) / step * direction_scale
 
 
 # --- dropout, buffers and option checks ---
@@ -380,17 +397,55 @@ class _ReplayableRandomState:
 
 @contextlib.contextmanager
 def _preserved_buffers(forward_func: Callable) -> Iterator[None]:
-    """Extra forward passes must not update BatchNorm running statistics twice."""
+    """Extra forward passes must not update BatchNorm running statistics twice.
+
+    They run on copies of the buffers and the originals are put back untouched:
+    restoring them in place would break the backward of the graphs that saved them
+    (BatchNorm saves its running statistics for backward)."""
     if not isinstance(forward_func, nn.Module):
         yield
         return
-    saved = [(buffer, buffer.clone()) for buffer in forward_func.buffers()]
+    originals = [
+        (module, name, buffer)
+        for module in forward_func.modules()
+        for name, buffer in module._buffers.items()
+        if buffer is not None
+    ]
+    for module, name, buffer in originals:
+        module._buffers[name] = buffer.clone()
     try:
         yield
     finally:
+        for module, name, buffer in originals:
+            module._buffers[name] = buffer
+
+
+@contextlib.contextmanager
+def _batch_norm_statistics_restored_on_error(forward_func: Callable) -> Iterator[None]:
+    """A call that fails after the first forward pass (e.g. on a target out of range)
+    must not leave BatchNorm running statistics updated."""
+    saved = [
+        (buffer, buffer.clone())
+        for module in _training_batch_norms(forward_func)
+        for buffer in module.buffers(recurse=False)
+    ]
+    try:
+        yield
+    except BaseException:
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+        raise
+
+
+def _training_batch_norms(forward_func: Callable) -> List[nn.Module]:
+    if not isinstance(forward_func, nn.Module):
+        return []
+    return [
+        module
+        for module in forward_func.modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+    ]
 
 
 def _check_options(variant, saliency, norm, reduction, method, dilate) -> None:
@@ -455,10 +510,7 @@ def _check_not_compiled_for_exact(forward_func: Callable, method: str) -> None:
 
 
 def _warn_on_coupled_batch_norm(forward_func: Callable) -> None:
-    if isinstance(forward_func, nn.Module) and any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        for m in forward_func.modules()
-    ):
+    if _training_batch_norms(forward_func):
         warnings.warn(
             "BatchNorm in training mode couples the examples of a batch: the GradMask "
             "saliency is d(sum_b s_b)/dx_b, not the per-example d s_b/dx_b. Use "
