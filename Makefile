@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 install: $(VENV)/.installed
 
 example: $(VENV)/.installed
-	$(PYTHON) examples/contrast_saliency.py --quick
+	$(PYTHON) examples/train_gradmask.py --quick
 
 test: $(VENV)/.installed
 	$(PYTHON) -m pytest

@@ -163,7 +163,10 @@ def gradmask_penalty(
         with rng.replay(), _preserved_buffers(forward_func):
             return objective(forward_func(shifted_points, *extra_args)).sum()
 
-    surrogate = _directional_derivative(objective_sum_at, points, direction, objective_sum)
+    # The caller's own inputs get the surrogate's input gradient (~ the exact one);
+    # a private leaf needs none, and a first layer's input gradient is costly.
+    origin = points if points is inputs else points.detach()
+    surrogate = _directional_derivative(objective_sum_at, origin, direction, objective_sum)
     # Value of the exact penalty, gradient of the finite-difference surrogate.
     penalty = penalty_value.detach() + (surrogate - surrogate.detach())
     return GradMaskOutput(outputs, penalty)

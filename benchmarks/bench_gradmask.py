@@ -1,0 +1,318 @@
+"""Training-step time and peak memory of GradMask against a hand-written penalty.
+
+One training step (forward, loss, backward, optimizer step) of five losses:
+
+    ce          plain cross-entropy
+    hand        cross-entropy + a double-backprop GradMask penalty written by hand
+                (what users write today; the reference of the ratios)
+    exact       cross-entropy + GradMask(model, method="exact")
+    finite_diff cross-entropy + GradMask(model, method="finite_difference")
+    expected_gr cross-entropy + GradMask(model, saliency="expected_gradients")
+
+on three models with GroupNorm: a small 2-D CNN (1x48x48, batch 32), a ResNet-18-style
+2-D net (1x128x128, batch 16) and a small 3-D CNN (1x32^3, batch 4). Steps run in
+turn within each repeat, so load from other processes hits them alike; medians
+after one warm-up round. Peak memory of one step: on CUDA the allocator peak above
+what was live before the step; on CPU the peak of the tensor memory allocated during
+the step and not yet freed, a running sum over the allocation and free events that
+the PyTorch profiler records. Targets (issue 3): exact <= 1.10x the hand-written
+step; finite_difference <= 0.75x its time and <= 0.8x its peak memory. Last,
+finite_difference and plain cross-entropy on a torch.compile'd small CNN: compile
+time, step times against eager, and the penalty.
+
+    python benchmarks/bench_gradmask.py           # 1.5 min on 2 idle CPU cores
+    python benchmarks/bench_gradmask.py --quick   # small CNN only, fewer repeats
+
+One CPU thread by default (--threads): on a CPU shared with other jobs, with two
+threads every operation waits for both and a busy core stalls it; measured here,
+that swung the ratios by 2x between runs.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from captum_gradmask.gradmask import GradMask
+
+PENALTY_WEIGHT = 10.0
+LOSSES = ["ce", "hand", "exact", "finite_diff", "expected_gr"]
+
+
+# --- models ---
+
+
+def conv_block(dims, in_channels, out_channels):
+    conv = (nn.Conv2d, nn.Conv3d)[dims - 2]
+    return [conv(in_channels, out_channels, 3, padding=1), nn.GroupNorm(8, out_channels), nn.ReLU()]
+
+
+def small_cnn(dims):
+    pool = (nn.MaxPool2d, nn.MaxPool3d)[dims - 2]
+    average = (nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)[dims - 2]
+    return nn.Sequential(
+        *conv_block(dims, 1, 16), pool(2),
+        *conv_block(dims, 16, 32), pool(2),
+        *conv_block(dims, 32, 64),
+        average(1), nn.Flatten(), nn.Linear(64, 2),
+    )
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_channels, out_channels, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.norm1 = nn.GroupNorm(32, out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.norm2 = nn.GroupNorm(32, out_channels)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                nn.GroupNorm(32, out_channels),
+            )
+
+    def forward(self, x):
+        out = F.relu(self.norm1(self.conv1(x)))
+        return F.relu(self.norm2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet18():
+    """ResNet-18 layout (basic blocks [2, 2, 2, 2], 64 to 512 channels), GroupNorm."""
+    layers = [
+        nn.Conv2d(1, 64, 7, 2, 3, bias=False), nn.GroupNorm(32, 64), nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
+    in_channels = 64
+    for out_channels, stride in [(64, 1), (128, 2), (256, 2), (512, 2)]:
+        layers += [BasicBlock(in_channels, out_channels, stride), BasicBlock(out_channels, out_channels, 1)]
+        in_channels = out_channels
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 2)]
+    return nn.Sequential(*layers)
+
+
+# name: (model, input shape of one example, batch size, default repeats)
+MODELS = {
+    "small CNN 2-D": (lambda: small_cnn(2), (1, 48, 48), 32, 30),
+    "ResNet-18 2-D": (resnet18, (1, 128, 128), 16, 8),
+    "small CNN 3-D": (lambda: small_cnn(3), (1, 32, 32, 32), 4, 30),
+}
+
+
+def make_batch(shape, batch_size, device):
+    """Random images, labels and a lesion mask: a centred box of half the side."""
+    images = torch.randn(batch_size, *shape, device=device)
+    labels = torch.randint(0, 2, (batch_size,), device=device)
+    mask = torch.zeros(batch_size, *shape, device=device)
+    box = [slice(None), slice(None)] + [slice(side // 4, side // 4 + side // 2) for side in shape[1:]]
+    mask[tuple(box)] = 1.0
+    return images, labels, mask
+
+
+# --- the losses ---
+
+
+def hand_written_penalty(model, images, mask):
+    x = images.detach().requires_grad_()
+    logits = model(x)
+    saliency = (logits[:, 1] - logits[:, 0]).abs()
+    (gradient,) = torch.autograd.grad(saliency.sum(), x, create_graph=True)
+    return logits, ((1 - mask) * gradient).pow(2).flatten(1).sum(1).mean()
+
+
+def hand_written_loss(model, images, labels, mask):
+    logits, penalty = hand_written_penalty(model, images, mask)
+    return F.cross_entropy(logits, labels) + PENALTY_WEIGHT * penalty
+
+
+def gradmask_loss(gradmask, images, labels, mask):
+    outputs, penalty = gradmask(images, mask)
+    return F.cross_entropy(outputs, labels) + PENALTY_WEIGHT * penalty
+
+
+def loss_functions(model):
+    """name -> (images, labels, mask) -> loss, for the names in LOSSES."""
+    ours = {
+        "exact": GradMask(model, method="exact"),
+        "finite_diff": GradMask(model, method="finite_difference"),
+        "expected_gr": GradMask(model, saliency="expected_gradients"),
+    }
+    functions = {
+        "ce": lambda images, labels, mask: F.cross_entropy(model(images), labels),
+        "hand": lambda images, labels, mask: hand_written_loss(model, images, labels, mask),
+    }
+    for name, gradmask in ours.items():
+        functions[name] = lambda images, labels, mask, gradmask=gradmask: gradmask_loss(
+            gradmask, images, labels, mask
+        )
+    return functions
+
+
+def training_step(loss_function, optimizer, batch):
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_function(*batch).backward()
+        optimizer.step()
+
+    return step
+
+
+# --- measurement ---
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians_ms(steps, repeats, device):
+    """Median milliseconds of each step; one warm-up round, then the steps take turns."""
+    times = {name: [] for name in steps}
+    for _ in range(repeats + 1):
+        for name, step in steps.items():
+            synchronize(device)
+            start = time.perf_counter()
+            step()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(runs[1:]) for name, runs in times.items()}
+
+
+def peak_memory_mib(step, device):
+    """Peak tensor memory of one step above what was live before it."""
+    synchronize(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
+        profiler.export_chrome_trace(trace_file.name)
+        with open(trace_file.name) as trace:
+            events = json.load(trace)["traceEvents"]
+    # One "[memory]" event per allocation (+bytes) and free (-bytes), in time order.
+    changes = sorted(
+        (event["ts"], event["args"]["Ev Idx"], event["args"]["Bytes"])
+        for event in events
+        if event.get("name") == "[memory]"
+    )
+    live = peak = 0
+    for _, _, change in changes:
+        live += change
+        peak = max(peak, live)
+    return peak / 2**20
+
+
+def benchmark_model(name, device, repeats):
+    build, shape, batch_size, default_repeats = MODELS[name]
+    repeats = repeats or default_repeats
+    torch.manual_seed(0)
+    model = build().to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    batch = make_batch(shape, batch_size, device)
+    steps = {
+        loss: training_step(function, optimizer, batch)
+        for loss, function in loss_functions(model).items()
+    }
+    times = interleaved_medians_ms(steps, repeats, device)
+    memory = {loss: peak_memory_mib(step, device) for loss, step in steps.items()}
+    print(f"\n{name}: {batch_size} x {'x'.join(map(str, shape))}, median of {repeats}")
+    print(f"{'loss':<12} {'step (ms)':>10} {'vs hand':>8} {'peak (MiB)':>11} {'vs hand':>8}")
+    for loss in LOSSES:
+        print(
+            f"{loss:<12} {times[loss]:10.1f} {times[loss] / times['hand']:7.2f}x "
+            f"{memory[loss]:11.1f} {memory[loss] / memory['hand']:7.2f}x"
+        )
+    return {loss: (times[loss] / times["hand"], memory[loss] / memory["hand"]) for loss in LOSSES}
+
+
+def check_same_penalty(device):
+    """GradMask's exact and finite-difference penalties equal the hand-written one."""
+    torch.manual_seed(0)
+    model = small_cnn(2).to(device)
+    images, _, mask = make_batch((1, 48, 48), 8, device)
+    _, hand = hand_written_penalty(model, images, mask)
+    for method in ["exact", "finite_difference"]:
+        ours = GradMask(model, method=method)(images, mask).penalty
+        torch.testing.assert_close(ours, hand, rtol=1e-5, atol=0)
+
+
+def benchmark_compiled(device, repeats):
+    """finite_difference and plain cross-entropy with a torch.compile'd small CNN,
+    against the eager model: the compiled/eager ratio of plain cross-entropy shows
+    what compilation itself gains or loses on this device."""
+    _, shape, batch_size, default_repeats = MODELS["small CNN 2-D"]
+    repeats = repeats or default_repeats
+    torch.manual_seed(0)
+    model = small_cnn(2).to(device)
+    compiled = torch.compile(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    batch = make_batch(shape, batch_size, device)
+    gradmasks = {
+        "eager": GradMask(model, method="finite_difference"),
+        "compiled": GradMask(compiled, method="finite_difference"),
+    }
+    start = time.perf_counter()
+    training_step(lambda *b: gradmask_loss(gradmasks["compiled"], *b), optimizer, batch)()
+    synchronize(device)
+    compile_seconds = time.perf_counter() - start
+    steps = {}
+    for mode, network in [("eager", model), ("compiled", compiled)]:
+        steps[f"ce {mode}"] = training_step(
+            lambda images, labels, mask, network=network: F.cross_entropy(network(images), labels),
+            optimizer, batch,
+        )
+        steps[f"finite_diff {mode}"] = training_step(
+            lambda *b, gradmask=gradmasks[mode]: gradmask_loss(gradmask, *b), optimizer, batch
+        )
+    times = interleaved_medians_ms(steps, repeats, device)
+    penalties = {mode: gradmask(batch[0], batch[2]).penalty.item() for mode, gradmask in gradmasks.items()}
+    print(f"\ntorch.compile, small CNN 2-D, median of {repeats}")
+    print(f"first finite_difference step with the compiled model (compiles): {compile_seconds:.1f} s")
+    print(f"penalty compiled {penalties['compiled']:.6g} vs eager {penalties['eager']:.6g}")
+    for loss in ["ce", "finite_diff"]:
+        eager, compiled_time = times[f"{loss} eager"], times[f"{loss} compiled"]
+        print(
+            f"{loss:<12} step compiled {compiled_time:7.1f} ms vs eager {eager:7.1f} ms "
+            f"({compiled_time / eager:.2f}x)"
+        )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None, help="default: per model, 8 to 30")
+    parser.add_argument("--quick", action="store_true", help="small CNN only, 5 repeats")
+    parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    repeats = args.repeats or (5 if args.quick else None)
+    names = ["small CNN 2-D"] if args.quick else list(MODELS)
+    print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, penalty weight {PENALTY_WEIGHT}")
+    check_same_penalty(device)
+    print("penalty of exact and finite_difference = hand-written (rtol 1e-5)")
+    ratios = {name: benchmark_model(name, device, repeats) for name in names}
+    print("\ntargets against hand: exact time <= 1.10x; finite_diff time <= 0.75x, memory <= 0.80x")
+    for name, by_loss in ratios.items():
+        exact_time = by_loss["exact"][0]
+        fd_time, fd_memory = by_loss["finite_diff"]
+        print(
+            f"{name:<14} exact {exact_time:.2f}x {'met' if exact_time <= 1.10 else 'MISSED'}; "
+            f"finite_diff {fd_time:.2f}x {'met' if fd_time <= 0.75 else 'MISSED'}, "
+            f"{fd_memory:.2f}x {'met' if fd_memory <= 0.80 else 'MISSED'}"
+        )
+    benchmark_compiled(device, repeats)
+
+
+if __name__ == "__main__":
+    main()
