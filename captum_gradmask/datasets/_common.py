@@ -46,6 +46,13 @@ def bernoulli(probabilities: Tensor, generator: torch.Generator) -> Tensor:
     return torch.rand(probabilities.shape, generator=generator, dtype=torch.float64) < probabilities
 
 
+def artifact_draws(labels: Tensor, confound: float, generator: torch.Generator) -> Tensor:
+    """Which images carry the artifact: each label-1 image with probability
+    ``confound``, each label-0 image with ``1 - confound`` (0.5: independent)."""
+    probabilities = torch.where(labels == 1, confound, 1 - confound).to(torch.float64)
+    return bernoulli(probabilities, generator)
+
+
 def resize(images: Tensor, size: int) -> Tensor:
     """Bilinear resize of (N, C, H, W) images to (N, C, size, size)."""
     return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)

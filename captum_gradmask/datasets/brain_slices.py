@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
-    bernoulli,
+    artifact_draws,
     check_count,
     import_optional,
     resize,
@@ -120,8 +120,7 @@ def brain_slices(
     gains = low + (high - low) * uniform
     lesions, masks = _lesions(labels, lesion_sites[chosen], lesion_contrast, generator)
     anatomy = (slices[chosen] * gains + lesions) * brains[chosen]
-    artifact_probability = torch.where(labels == 1, confound, 1 - confound).to(torch.float64)
-    has_artifact = bernoulli(artifact_probability, generator)
+    has_artifact = artifact_draws(labels, confound, generator)
     noise = noise_std * torch.randn(anatomy.shape, generator=generator, dtype=torch.float64)
     images = add_scanner_artifact(anatomy, has_artifact, artifact) + noise
     return BrainSlices(

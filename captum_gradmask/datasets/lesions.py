@@ -23,6 +23,8 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor
 
+from ._common import artifact_draws
+
 ARTIFACTS = ("spot", "marker")
 SPOT_PEAK = 1.0  #: peak intensity added by the spot
 SPOT_WIDTH = 0.08  #: standard deviation of the spot, as a fraction of the image side
@@ -96,8 +98,7 @@ def confounded_lesions(
     labels = torch.arange(n_images) % 2
     lesions, masks = _lesions(labels, size, lesion_contrast, lesion_radius, generator)
     noise = noise_std * torch.randn(n_images, 1, size, size, generator=generator, dtype=torch.float64)
-    artifact_probability = torch.where(labels == 1, confound, 1 - confound)
-    has_artifact = torch.rand(n_images, generator=generator, dtype=torch.float64) < artifact_probability
+    has_artifact = artifact_draws(labels, confound, generator)
     images = add_artifact(lesions + noise, has_artifact, artifact)
     return LesionImages(
         images=images.to(device=device, dtype=dtype),
