@@ -3,7 +3,8 @@
 Simpson, Dutil, Bengio, Cohen, "GradMask: Reduce Overfitting by Regularizing
 Saliency", MIDL 2019. For each example b with a mask:
 
-    s_b  = |z_t - z_c|  (variant "contrast"),  z_t  ("class"),  z_{y_b}  ("target")
+    s_b  = |z_t - z_c|  (variant "contrast"),  z_t  ("class"),  z_{y_b}  ("target"),
+           sum_k log softmax(z_b)_k  ("rrr", Ross et al. 2017)
     a_b  = d s_b / d x_b, times x_b ("input_x_gradient") or times x_b - x'_b at a
            random point of the path x'_b -> x_b ("expected_gradients")
     R_b  = norm((1 - dilate(m_b)) * a_b)
@@ -23,7 +24,7 @@ from torch import Tensor, nn
 from captum_gradmask._compat import _format_additional_forward_args
 from captum_gradmask._validation import check_float_inputs
 
-VARIANTS = ("contrast", "class", "target")
+VARIANTS = ("contrast", "class", "target", "rrr")
 SALIENCIES = ("gradient", "input_x_gradient", "expected_gradients")
 NORMS = ("sq_l2", "l2", "l1")
 REDUCTIONS = ("mean", "sum")
@@ -70,7 +71,11 @@ def gradmask_penalty(
             inputs, as in Captum.
         variant (str): "contrast" (s = |z_t - z_c|, paper eq. 2), "class" (s = z_t,
             eq. 1; with a 2-logit head the model can move a confounder into z_c, so
-            it warns), or "target" (s = z_{y_b}, with ``target`` the labels (N,)).
+            it warns), "target" (s = z_{y_b}, with ``target`` the labels (N,)), or
+            "rrr" (s = sum_k log softmax(z)_k, the summed log probabilities of all
+            classes: "Right for the Right Reasons", Ross, Hughes & Doshi-Velez 2017,
+            whose loss is norm="sq_l2"; it ignores ``target`` and
+            ``contrast_target`` and needs at least 2 logits).
         target (int, list or Tensor): the class t, or per-example labels (N,).
         contrast_target (int): the class c of the "contrast" variant.
         saliency (str): "gradient" (the paper), "input_x_gradient" or
@@ -243,6 +248,13 @@ def _saliency_objective(
             f"{batch_size}, got {getattr(outputs, 'shape', type(outputs).__name__)}"
         )
     n_classes = outputs.shape[1]
+    if variant == "rrr":
+        if n_classes < 2:
+            raise ValueError(
+                "variant='rrr' needs at least 2 logits, the model returns 1: the log "
+                "softmax of a single logit is constant 0"
+            )
+        return lambda logits: logits.log_softmax(1).sum(1)
     if variant == "contrast" and n_classes < 2:
         raise ValueError(
             "variant='contrast' needs at least 2 logits, the model returns 1; "

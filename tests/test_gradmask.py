@@ -14,7 +14,7 @@ from torch.autograd import gradcheck, gradgradcheck
 from captum_gradmask.gradmask import GradMask, GradMaskOutput, gradmask_penalty
 from helpers import ModelState
 
-VARIANTS = ["contrast", "class", "target"]
+VARIANTS = ["contrast", "class", "target", "rrr"]
 NORMS = ["sq_l2", "l2", "l1"]
 SALIENCIES = ["gradient", "input_x_gradient", "expected_gradients"]
 CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
@@ -60,7 +60,7 @@ def batch(dims, n=3, channels=2, mask_channels=1, device="cpu", dtype=torch.floa
 def variant_options(variant, device="cpu"):
     if variant == "contrast":
         return dict(variant=variant, target=2, contrast_target=1)
-    if variant == "class":
+    if variant in ("class", "rrr"):
         return dict(variant=variant, target=2)
     return dict(variant=variant, target=torch.tensor([2, 0, 1], device=device))
 
@@ -89,7 +89,10 @@ def reference_penalty(
     logits = model(point)
     rows = torch.arange(len(x), device=x.device)
     labels = torch.as_tensor(target, device=x.device).expand(len(x))
-    s = logits[rows, labels]
+    if variant == "rrr":  # sum_k log p_k, log p_k = z_k - log sum_j exp z_j
+        s = (logits - logits.exp().sum(1, keepdim=True).log()).sum(1)
+    else:
+        s = logits[rows, labels]
     if variant == "contrast":
         s = (s - logits[:, contrast_target]).abs()
     (gradient,) = torch.autograd.grad(s.sum(), point, create_graph=True)
@@ -204,17 +207,17 @@ def test_finite_difference_float32_gradient_error(dims, variant, norm):
 
 
 @pytest.mark.parametrize("dims", [1, 2, 3])
-def test_expected_gradients_match_reference_with_the_same_draws(device, dims):
+@pytest.mark.parametrize("variant", ["contrast", "rrr"])
+def test_expected_gradients_match_reference_with_the_same_draws(device, dims, variant):
     torch.manual_seed(dims)
     model = tanh_cnn(dims).to(device, torch.float64)
     x, mask = batch(dims, device=device)
     baseline, alpha = path_draws(model, x, seed=5)
-    reference = reference_penalty(
-        model, x, mask, saliency="expected_gradients", baseline=baseline, alpha=alpha
-    )
+    options = dict(variant=variant, saliency="expected_gradients")
+    reference = reference_penalty(model, x, mask, baseline=baseline, alpha=alpha, **options)
     for method, tolerance in [("exact", 1e-9), ("finite_difference", 1e-4)]:
         torch.manual_seed(5)
-        ours = gradmask_penalty(model, x, mask, saliency="expected_gradients", method=method)
+        ours = gradmask_penalty(model, x, mask, method=method, **options)
         assert_matches_reference(ours.penalty, reference, model, gradient_tolerance=tolerance)
 
 
@@ -425,6 +428,24 @@ def test_contrast_on_a_one_logit_model_raises():
     x, mask = batch(2)
     with pytest.raises(ValueError, match="variant='contrast' needs at least 2 logits"):
         gradmask_penalty(model, x, mask, target=0)
+
+
+def test_rrr_on_a_one_logit_model_raises():
+    model = tanh_cnn(2, n_classes=1).double()
+    x, mask = batch(2)
+    with pytest.raises(ValueError, match="^variant='rrr' needs at least 2 logits"):
+        gradmask_penalty(model, x, mask, variant="rrr")
+
+
+def test_rrr_ignores_target_and_contrast_target():
+    torch.manual_seed(0)
+    model = tanh_cnn(2).double()
+    x, mask = batch(2)
+    default = gradmask_penalty(model, x, mask, variant="rrr").penalty
+    ignored = gradmask_penalty(
+        model, x, mask, variant="rrr", target=torch.tensor([7, -1, 0.5]), contrast_target=9
+    ).penalty
+    assert torch.equal(default, ignored)
 
 
 # --- properties over shapes and options ---
