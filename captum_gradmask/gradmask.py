@@ -363,9 +363,12 @@ def _directional_derivative(
     this small also rarely crosses a ReLU kink, whose jump in the parameter
     gradient the quotient would divide by the step. It is
     taken along the direction scaled to max-norm 1, and the quotient scaled back, so
-    a zero or tiny direction (no example has a mask) cannot overflow the step.
+    a zero or tiny direction (no example has a mask) cannot overflow the step. The
+    eps is that of the coarser of the points and the objective: under autocast the
+    objective of float32 points is computed, and rounded, in half precision.
     """
-    dtype_step = torch.finfo(points.dtype).eps ** (1 / 2)
+    eps = max(torch.finfo(points.dtype).eps, torch.finfo(objective_sum.dtype).eps)
+    dtype_step = eps ** (1 / 2)
     step = dtype_step * points.detach().abs().amax().clamp_min(1)
     direction_scale = direction.abs().amax()
     unit_direction = direction / direction_scale.clamp_min(torch.finfo(points.dtype).tiny)
