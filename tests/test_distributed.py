@@ -1,5 +1,6 @@
-"""GradMask under DistributedDataParallel: two gloo processes on loopback give the
-parameter gradients of single-process training on the whole batch."""
+"""Two gloo processes on loopback give the single-process results: GradMask under
+DistributedDataParallel (parameter gradients of training on the whole batch), and
+MC-dropout uncertainty and unveiling over a data set split with DistributedSampler."""
 
 import socket
 import subprocess
@@ -11,9 +12,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from captum.attr import Saliency
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
-from captum_gradmask import GradMask
+from captum_gradmask import GradMask, IterativeUnveiling, MCDropout
 from helpers import small_cnn
 
 WORLD_SIZE = 2
@@ -51,24 +56,43 @@ def _gradients(model, wrapped, inputs, masks, labels, method):
     return [parameter.grad.clone() for parameter in model.parameters()]
 
 
-def _worker(rank, port, out_dir, device):
-    """One DDP rank: its half of the batch, gradients of both methods saved to a file.
+def _ddp_gradients(rank, device):
+    """One DDP rank's gradients of both methods, on its half of the batch."""
+    model = _model(device)
+    ddp_model = DistributedDataParallel(model)
+    share = slice(rank * BATCH_SIZE // WORLD_SIZE, (rank + 1) * BATCH_SIZE // WORLD_SIZE)
+    inputs, masks, labels = (tensor[share] for tensor in _batch(device))
+    return {
+        method: _gradients(model, ddp_model, inputs, masks, labels, method)
+        for method in TOLERANCE
+    }
+
+
+def _worker(rank, port, out_dir, device, job):
+    """One rank: runs ``job(rank, device)`` and saves what it returns to a file.
     On CUDA both ranks share the one device: gloo all-reduces CUDA tensors too."""
     torch.set_num_threads(1)
     store = dist.TCPStore("127.0.0.1", port, is_master=False)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE)
     try:
-        model = _model(device)
-        ddp_model = DistributedDataParallel(model)
-        share = slice(rank * BATCH_SIZE // WORLD_SIZE, (rank + 1) * BATCH_SIZE // WORLD_SIZE)
-        inputs, masks, labels = (tensor[share] for tensor in _batch(device))
-        gradients = {
-            method: _gradients(model, ddp_model, inputs, masks, labels, method)
-            for method in TOLERANCE
-        }
-        torch.save(gradients, Path(out_dir) / f"rank{rank}.pt")
+        torch.save(job(rank, device), Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _run_ranks(job, out_dir, device):
+    """Run ``job`` on every rank; return what each rank saved, rank 0 first."""
+    # The store lives here, on a free port (bound to port 0), so that it outlives both
+    # ranks: hosted by rank 0, it could vanish while rank 1 still shuts down.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    mp.start_processes(
+        _worker, args=(store.port, str(out_dir), device, job), nprocs=WORLD_SIZE,
+        start_method="spawn",
+    )
+    return [
+        torch.load(Path(out_dir) / f"rank{rank}.pt", map_location=device)
+        for rank in range(WORLD_SIZE)
+    ]
 
 
 def _free_port():
@@ -84,20 +108,60 @@ def _relative_error(actual, expected):
 
 
 def test_ddp_gradients_equal_single_process(tmp_path, device):
-    # The store lives here, on a free port (bound to port 0), so that it outlives both
-    # ranks: hosted by rank 0, it could vanish while rank 1 still shuts down.
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    mp.start_processes(
-        _worker, args=(store.port, str(tmp_path), device), nprocs=WORLD_SIZE,
-        start_method="spawn",
-    )
+    per_rank = _run_ranks(_ddp_gradients, tmp_path, device)
     model = _model(device)
     for method, tolerance in TOLERANCE.items():
         reference = _gradients(model, model, *_batch(device), method)
-        for rank in range(WORLD_SIZE):
-            distributed = torch.load(tmp_path / f"rank{rank}.pt", map_location=device)[method]
-            error = _relative_error(distributed, reference)
+        for rank, saved in enumerate(per_rank):
+            error = _relative_error(saved[method], reference)
             assert error < tolerance, (method, rank, error)
+
+
+def _dropout_cnn(device):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.3),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    ).double().to(device).eval()
+
+
+def _analyse(model, images):
+    """Per-image results that must not depend on how the data set is split."""
+    uncertainty = MCDropout(model, n_samples=8, seed=1).uncertainty(images)
+    unveiling = IterativeUnveiling(Saliency(model))
+    unveiled = unveiling.unveil(images, target=1, n_iter=2, kernel_size=3)
+    return {
+        "mutual_information": uncertainty.mutual_information,
+        "variation_ratio": uncertainty.variation_ratio,
+        "unveiling_masks": unveiled.masks,
+        "unveiling_scores": unveiled.scores,
+    }
+
+
+def _sharded_analysis(rank, device):
+    """This rank's share of the data set, through DistributedSampler, by batches of 2."""
+    images, _, _ = _batch(device)
+    data = TensorDataset(torch.arange(BATCH_SIZE), images)
+    sampler = DistributedSampler(data, num_replicas=WORLD_SIZE, rank=rank, shuffle=False)
+    model = _dropout_cnn(device)
+    loader = DataLoader(data, batch_size=2, sampler=sampler)
+    parts = [(indices, _analyse(model, batch)) for indices, batch in loader]
+    return {
+        "indices": torch.cat([indices for indices, _ in parts]),
+        **{key: torch.cat([results[key] for _, results in parts]) for key in parts[0][1]},
+    }
+
+
+def test_mc_dropout_and_unveiling_over_sharded_data_equal_single_process(tmp_path, device):
+    per_rank = _run_ranks(_sharded_analysis, tmp_path, device)
+    images, _, _ = _batch(device)
+    reference = _analyse(_dropout_cnn(device), images)
+    indices = torch.cat([saved["indices"] for saved in per_rank])
+    assert sorted(indices.tolist()) == list(range(BATCH_SIZE))
+    for key, expected in reference.items():
+        gathered = torch.cat([saved[key] for saved in per_rank])
+        expected = expected[indices.to(expected.device)]
+        torch.testing.assert_close(gathered, expected, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.slow
