@@ -162,6 +162,34 @@ def region_recall(masks: Tensor, regions: Tensor, min_coverage: float = 0.5) -> 
     return found.sum(dim=2) / n_regions
 
 
+def roc_auc(scores: Tensor, labels: Tensor) -> float:
+    r"""Area under the ROC curve: the chance that a random positive outscores a
+    random negative, ties counting one half (the Mann-Whitney statistic).
+
+    Args:
+        scores (Tensor): (N,) float, higher = more likely positive, e.g. z_1 - z_0.
+        labels (Tensor): (N,) 0 / 1 or bool, with both classes present.
+
+    Returns:
+        float: in [0, 1]; 0.5 is chance, 0 a perfectly inverted ranking.
+
+    Examples::
+
+        >>> roc_auc(torch.tensor([0.1, 0.9, 0.4]), torch.tensor([0, 1, 1]))
+        1.0
+    """
+    if scores.dim() != 1 or scores.shape != labels.shape:
+        raise ValueError(
+            f"scores and labels must both have shape (N,), got {tuple(scores.shape)} "
+            f"and {tuple(labels.shape)}"
+        )
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError("roc_auc needs at least one positive and one negative label")
+    difference = positives[:, None] - negatives[None, :]
+    return ((difference > 0).double() + 0.5 * (difference == 0).double()).mean().item()
+
+
 def _nan_where_empty(values: Tensor, flat_masks: Tensor) -> Tensor:
     return values.masked_fill(~flat_masks.any(dim=1), math.nan)
 

@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 
 from captum_gradmask.datasets.lesions import ARTIFACTS, confounded_lesions  # noqa: E402
 from captum_gradmask.gradmask import GradMask  # noqa: E402
-from captum_gradmask.metrics import relevance_mass_accuracy  # noqa: E402
+from captum_gradmask.metrics import relevance_mass_accuracy, roc_auc  # noqa: E402
 
 TRAIN_CONFOUND = 1.0  # artifact in every class-1 and no class-0 training image
 TEST_CONFOUND = 0.5  # artifact independent of the label
@@ -94,18 +94,10 @@ def train(setting, data, n_steps, seed, device):
     return model.eval()
 
 
-def auc(scores, labels):
-    """Area under the ROC curve: the chance that a random positive outscores a random
-    negative, ties counting one half (the Mann-Whitney statistic)."""
-    positives, negatives = scores[labels == 1], scores[labels == 0]
-    difference = positives[:, None] - negatives[None, :]
-    return ((difference > 0).double() + 0.5 * (difference == 0).double()).mean().item()
-
-
 def test_auc(model, test_set):
     with torch.no_grad():
         logits = model(test_set.images)
-    return auc(logits[:, 1] - logits[:, 0], test_set.labels)
+    return roc_auc(logits[:, 1] - logits[:, 0], test_set.labels)
 
 
 def run_artifact(artifact, seeds, n_steps, n_test, device):

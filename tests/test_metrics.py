@@ -13,6 +13,7 @@ from captum_gradmask.metrics import (
     region_recall,
     relevance_mass_accuracy,
     relevance_rank_accuracy,
+    roc_auc,
 )
 
 
@@ -166,3 +167,16 @@ def test_region_recall_per_iteration(device):
 def test_errors(function, arguments, error, message):
     with pytest.raises(error, match=message):
         function(*arguments)
+
+
+def test_roc_auc_matches_the_pairwise_definition_with_ties():
+    scores = torch.tensor([0.2, 0.8, 0.5, 0.5, 0.1])
+    labels = torch.tensor([0, 1, 1, 0, 0])
+    # positives 0.8, 0.5 against negatives 0.2, 0.5, 0.1: 5 wins, one tie, out of 6
+    assert roc_auc(scores, labels) == pytest.approx(5.5 / 6)
+    assert roc_auc(-scores, labels) == pytest.approx(0.5 / 6)
+
+
+def test_roc_auc_rejects_a_single_class():
+    with pytest.raises(ValueError, match="positive and one negative"):
+        roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 1]))

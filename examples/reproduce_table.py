@@ -1,0 +1,500 @@
+"""Reproduce the protocol of GradMask's Table 1 on three offline data sets.
+
+Simpson et al. (MIDL 2019), Table 1: small training sets (64 and 128 images), many
+seeds, the learning rate and penalty weight chosen on a validation set per seed,
+test AUC mean +- SD, and a paired test across seeds. Here on data that needs no
+download (captum_gradmask.datasets):
+
+- Decoy Digits, binary (digits 0-4 vs 5-9): a corner swatch whose shade gives the
+  label in training and is random in validation and test (Ross et al. 2017);
+- synthetic crosses (one vs two crosses): a distractor bar on the label's side in
+  training, on the other side in validation and test (Viviano et al. 2021);
+- brain slices (MNI152 with inserted lesions): a bias field in 90% of the lesion
+  images and 10% of the others in training, independent of the label in
+  validation and test.
+
+Methods: the baseline (cross-entropy only); GradMask "contrast" with the sq_l2
+and l1 norms of the input gradient and with expected gradients (sq_l2); GradMask
+"class" (sq_l2); and "Right for the Right Reasons" (RRR, the GradMask variant
+"rrr", sq_l2). Each penalises saliency outside the mask (Decoy Digits: the
+swatch; crosses: everything but the crosses; brain slices: everything but the
+lesion, in lesion images only). Brain slices, the costly data set, run only the
+baseline and the two "contrast" sq_l2 penalties. For every data set, training
+size and seed, each method is trained with every learning rate and penalty weight
+of its grid; the setting with the best validation AUC is scored on the test set.
+Writes ``results.md`` (the table, the published anchors, which targets hold) and
+``results.png`` into ``--out-dir``. ``--seeds 12`` took 27 to 34 minutes on two
+CPU cores shared with other jobs; the default 20 seeds take about 45 to 56.
+
+    python examples/reproduce_table.py --quick
+    python examples/reproduce_table.py --seeds 20 --out-dir docs
+"""
+
+import argparse
+import multiprocessing
+import pathlib
+import time
+import warnings
+from collections import Counter
+from typing import Callable, List, NamedTuple, Optional, Tuple
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy.stats import wilcoxon  # noqa: E402
+from torch import nn  # noqa: E402
+
+from captum_gradmask.datasets.brain_slices import brain_slices  # noqa: E402
+from captum_gradmask.datasets.crosses import crosses  # noqa: E402
+from captum_gradmask.datasets.decoy_digits import BINARY_CLASSES, decoy_digits  # noqa: E402
+from captum_gradmask.gradmask import GradMask  # noqa: E402
+from captum_gradmask.metrics import roc_auc  # noqa: E402
+
+TRAIN_SIZES = (64, 128)
+LEARNING_RATES = (1e-3, 3e-3)
+BATCH_SIZE = 32
+N_VALID = 200
+N_TEST = 500
+
+
+# --- data sets and their models ---
+
+
+def digits_cnn() -> nn.Module:
+    """16x16 digits: two convolutions and a dense layer (the digit's shape matters)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(32 * 8 * 8, 2),
+    )
+
+
+def crosses_cnn() -> nn.Module:
+    """28x28 crosses: two strided convolutions and a dense layer, which can both
+    count crosses and see on which side the bar is."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(16 * 7 * 7, 2),
+    )
+
+
+def brain_cnn() -> nn.Module:
+    """64x64 brain slices: three convolutions with GroupNorm and global max pooling
+    (a lesion anywhere). Measured on one seed, 128 images: without GroupNorm, or
+    with a second strided convolution, the CNN stays at chance even without the
+    confound; a dense head learns the bias field alone."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.GroupNorm(2, 8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(2, 16), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 2),
+    )
+
+
+class Split(NamedTuple):
+    images: torch.Tensor
+    labels: torch.Tensor
+    masks: torch.Tensor  # 1 where the model may look
+    has_mask: torch.Tensor  # which images get the penalty
+
+
+def load_decoy_digits(n_samples, split, seed, device):
+    n_samples = None if split != "train" else n_samples  # the whole valid / test pool
+    data = decoy_digits(n_samples, split, classes=BINARY_CLASSES, seed=seed, device=device)
+    return Split(data.images, data.labels, data.masks, torch.ones_like(data.labels, dtype=torch.bool))
+
+
+def load_crosses(n_samples, split, seed, device):
+    data = crosses(n_samples, split, seed=seed, device=device)
+    return Split(data.images, data.labels, data.masks, torch.ones_like(data.labels, dtype=torch.bool))
+
+
+def load_brain_slices(n_samples, split, seed, device):
+    data = brain_slices(n_samples, split, seed=seed, device=device)
+    return Split(data.images, data.labels, data.masks, data.labels == 1)  # no lesion, no mask
+
+
+class DataSet(NamedTuple):
+    name: str
+    load: Callable[..., Split]  # (n_samples, split, seed, device) -> Split
+    model: Callable[[], nn.Module]
+    n_steps: int  # Adam steps on random minibatches, for every setting
+    dilate: int  # pixels GradMask adds around the mask (0: the swatch stays exact)
+    methods: Tuple[str, ...]  # the methods run on it
+
+
+ALL_METHODS = ("baseline", "GradMask contrast sq_l2", "GradMask contrast l1",
+               "GradMask contrast expected_gradients", "GradMask class sq_l2", "RRR sq_l2")
+# Brain slices cost about 8x more per run: three of the penalties are left out
+# there to keep the full run near an hour on two CPU cores.
+BRAIN_METHODS = ("baseline", "GradMask contrast sq_l2", "GradMask contrast expected_gradients")
+
+DATASETS = [
+    DataSet("Decoy Digits (binary)", load_decoy_digits, digits_cnn, 150, 0, ALL_METHODS),
+    DataSet("crosses", load_crosses, crosses_cnn, 300, 2, ALL_METHODS),
+    DataSet("brain slices", load_brain_slices, brain_cnn, 150, 2, BRAIN_METHODS),
+]
+
+
+# --- methods ---
+
+
+class Method(NamedTuple):
+    name: str
+    options: Optional[dict]  # GradMask options; None: cross-entropy only
+    weights: Tuple[float, ...]  # the penalty weights (lambda) tried
+
+
+METHODS = [
+    Method("baseline", None, (0.0,)),
+    Method("GradMask contrast sq_l2", dict(variant="contrast", norm="sq_l2"), (1.0, 30.0, 1000.0)),
+    Method("GradMask contrast l1", dict(variant="contrast", norm="l1"), (0.3, 3.0, 30.0)),
+    Method("GradMask contrast expected_gradients",
+           dict(variant="contrast", norm="sq_l2", saliency="expected_gradients"), (1.0, 30.0, 1000.0)),
+    Method("GradMask class sq_l2", dict(variant="class", norm="sq_l2"), (1.0, 30.0, 1000.0)),
+    Method("RRR sq_l2", dict(variant="rrr", norm="sq_l2"), (10.0, 300.0, 10000.0)),
+]
+RECOMMENDED = "GradMask contrast sq_l2"  # the paper's setting, tested against the baseline
+
+# Published anchors, shown beside our numbers.
+ANCHORS = {
+    "Decoy Digits (binary)": "Decoy MNIST (10-class) test accuracy: baseline 0.52, RRR 0.96 (Ross et al. 2017)",
+    "crosses": "test AUC: baseline 0.00, GradMask 0.76 +- 0.04 (Viviano et al. 2021)",
+    "brain slices": "no published number (our MNI152 construction); target: recommended >= baseline + 0.05",
+}
+
+
+# --- training and scoring ---
+
+
+def train(dataset, method, weight, learning_rate, data, seed, device):
+    """Adam on random minibatches; the penalty only on images that have a mask."""
+    torch.manual_seed(seed)  # same initial weights for every setting
+    model = dataset.model().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    gradmask = GradMask(model, dilate=dataset.dilate, **method.options) if method.options else None
+    batches = torch.Generator().manual_seed(seed)
+    for _ in range(dataset.n_steps):
+        batch = torch.randint(0, len(data.labels), (BATCH_SIZE,), generator=batches).to(device)
+        images, labels = data.images[batch], data.labels[batch]
+        if gradmask is None:
+            loss = F.cross_entropy(model(images), labels)
+        else:
+            outputs, penalty = gradmask(images, data.masks[batch], has_mask=data.has_mask[batch])
+            loss = F.cross_entropy(outputs, labels) + weight * penalty
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def score(model, data):
+    """AUC of the score z_1 - z_0, and accuracy, on one split."""
+    with torch.no_grad():
+        logits = model(data.images)
+    accuracy = (logits.argmax(1) == data.labels).double().mean().item()
+    return roc_auc(logits[:, 1] - logits[:, 0], data.labels), accuracy
+
+
+class Result(NamedTuple):
+    dataset: str
+    n_train: int
+    seed: int
+    method: str
+    learning_rate: float
+    weight: float
+    valid_auc: float
+    test_auc: float
+    test_accuracy: float
+
+
+def run_cell(job):
+    """One data set, training size and seed: every method with its best setting on
+    the validation set, scored on the test set."""
+    dataset, n_train, seed, methods, device = job
+    torch.set_num_threads(1)  # small convolutions: one thread per worker is fastest
+    warnings.filterwarnings("ignore", message="variant='class' on a 2-logit model")
+    train_set = dataset.load(n_train, "train", seed, device)
+    valid_set = dataset.load(N_VALID, "valid", seed, device)
+    test_set = dataset.load(N_TEST, "test", seed, device)
+    results = []
+    for method in methods:
+        if method.name not in dataset.methods:
+            continue
+        best = None
+        for learning_rate in LEARNING_RATES:
+            for weight in method.weights:
+                model = train(dataset, method, weight, learning_rate, train_set, seed, device)
+                valid_auc, _ = score(model, valid_set)
+                if best is None or valid_auc > best[0]:
+                    best = (valid_auc, learning_rate, weight, model)
+        valid_auc, learning_rate, weight, model = best
+        test_auc, test_accuracy = score(model, test_set)
+        results.append(Result(dataset.name, n_train, seed, method.name, learning_rate, weight,
+                              valid_auc, test_auc, test_accuracy))
+    return results
+
+
+# --- report ---
+
+
+def values(results, dataset, n_train, method, field="test_auc"):
+    """One value per seed, in seed order."""
+    rows = [r for r in results if (r.dataset, r.n_train, r.method) == (dataset, n_train, method)]
+    return np.array([getattr(r, field) for r in sorted(rows, key=lambda r: r.seed)])
+
+
+def paired_p_value(ours, baseline):
+    """Two-sided Wilcoxon signed-rank test across seeds; 1.0 when no seed differs."""
+    if np.all(ours == baseline):
+        return 1.0
+    return float(wilcoxon(ours, baseline).pvalue)
+
+
+def most_common(x):
+    return Counter(x.tolist()).most_common(1)[0][0]
+
+
+def mean_sd(x):
+    return f"{x.mean():.2f} ± {x.std(ddof=1) if len(x) > 1 else 0.0:.2f}"
+
+
+def methods_of(dataset, methods):
+    return [method for method in methods if method.name in dataset.methods]
+
+
+def table(results, datasets, sizes, methods):
+    """Markdown table: test AUC (and accuracy) per data set, method and training size."""
+    header = "| data set | method | " + " | ".join(
+        f"n={n} test AUC | n={n} accuracy | n={n} p vs baseline | n={n} chosen λ (lr)" for n in sizes
+    ) + " |"
+    lines = [header, "|" + " --- |" * (2 + 4 * len(sizes))]
+    for dataset in datasets:
+        for method in methods_of(dataset, methods):
+            cells = []
+            for n in sizes:
+                aucs = values(results, dataset.name, n, method.name)
+                accuracies = values(results, dataset.name, n, method.name, "test_accuracy")
+                baseline = values(results, dataset.name, n, "baseline")
+                p = "" if method.name == "baseline" else f"{paired_p_value(aucs, baseline):.2g}"
+                weights = values(results, dataset.name, n, method.name, "weight")
+                rates = values(results, dataset.name, n, method.name, "learning_rate")
+                chosen = f"{most_common(weights):g} ({most_common(rates):g})"
+                cells += [mean_sd(aucs), mean_sd(accuracies), p, chosen]
+            lines.append(f"| {dataset.name} | {method.name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def target_checks(results, sizes):
+    """The issue's targets that the results speak to, with the measured numbers."""
+    checks = []
+
+    def ran(dataset, n, method):
+        return len(values(results, dataset, n, method)) > 0
+
+    def mean(dataset, n, method, field="test_auc"):
+        return values(results, dataset, n, method, field).mean()
+
+    def add(text, holds):
+        checks.append(f"- {'HOLDS' if holds else 'DOES NOT HOLD'}: {text}")
+
+    digits, contrast, class_ = "Decoy Digits (binary)", RECOMMENDED, "GradMask class sq_l2"
+    for n in sizes:
+        if ran(digits, n, "baseline"):
+            base = mean(digits, n, "baseline", "test_accuracy")
+            add(f"Decoy Digits n={n}: baseline accuracy about 0.53 (measured {base:.2f})",
+                abs(base - 0.53) <= 0.1)
+        if ran(digits, n, contrast):
+            ours = mean(digits, n, contrast, "test_accuracy")
+            add(f"Decoy Digits n={n}: GradMask contrast accuracy >= 0.95 (measured {ours:.2f})",
+                ours >= 0.95)
+        if ran(digits, n, class_) and ran(digits, n, contrast):
+            ours, theirs = mean(digits, n, class_, "test_accuracy"), mean(digits, n, contrast, "test_accuracy")
+            add(f"Decoy Digits n={n}: `class` falls short of `contrast` on a 2-logit head "
+                f"(accuracy {ours:.2f} vs {theirs:.2f})", ours < theirs - 0.05)
+        if ran("crosses", n, "GradMask contrast l1"):
+            ours = mean("crosses", n, "GradMask contrast l1")
+            add(f"crosses n={n}: GradMask l1 reaches the published 0.76 (measured {ours:.2f})",
+                ours >= 0.72)
+        crosses_methods = [m.name for m in METHODS if m.name != "baseline" and ran("crosses", n, m.name)]
+        if crosses_methods:
+            best = max(crosses_methods, key=lambda name: mean("crosses", n, name))
+            add(f"crosses n={n}: best setting >= 0.95 ({best}: {mean('crosses', n, best):.2f})",
+                mean("crosses", n, best) >= 0.95)
+        if ran("brain slices", n, contrast):
+            ours = values(results, "brain slices", n, contrast)
+            base = values(results, "brain slices", n, "baseline")
+            gain = ours.mean() - base.mean()
+            add(f"brain slices n={n}: {contrast} beats the baseline by >= 0.05 test AUC "
+                f"({ours.mean():.2f} vs {base.mean():.2f}, {gain:+.2f}, Wilcoxon p = "
+                f"{paired_p_value(ours, base):.2g})", gain >= 0.05)
+    return "\n".join(checks)
+
+
+DISCUSSION = """\
+## Where our numbers and the papers' disagree, and why
+
+The numbers quoted below are those of the 12-seed run in docs/results.md; the clean-data
+ceilings come from separate runs of the same CNNs trained without the confound
+(3 seeds for Decoy Digits, 1 seed for crosses and brain slices).
+
+- **Decoy Digits vs Decoy MNIST.** The anchors are 10-class Decoy MNIST accuracies
+  with 50,000 training images; ours is a binary task (digits 0-4 vs 5-9) on
+  scikit-learn's 8x8 digits upsampled to 16x16, with 64 or 128 training images.
+  Trained *without* the decoy, our CNN reaches 0.78 (64 images) and 0.86 (128)
+  test accuracy (AUC 0.88 and 0.94). GradMask `contrast` reaches 0.81 and 0.87
+  (AUC 0.90 and 0.95): that ceiling, so the penalty removes the decoy entirely,
+  but the issue's 0.95 accuracy is out of reach for any method at these sizes.
+  The baseline (0.73 and 0.69) is far above the paper's 0.52 for the same reason
+  in reverse: with clean 8x8 digits the CNN learns part of the digit alongside
+  the swatch. The target "baseline about 0.53" does not hold on this data.
+- **RRR equals GradMask `contrast` on a 2-logit head.** With two classes,
+  d/dx (log p_0 + log p_1) = (p_1 - p_0) d/dx (z_0 - z_1): the same direction as
+  the contrast saliency, scaled by |p_1 - p_0| <= 1. The table shows the same
+  numbers for both on Decoy Digits; they differ on crosses only through λ and
+  that scale.
+- **`class` on a 2-logit head.** The `class` variant penalises the input gradient
+  of z_1 alone. The softmax only sees z_1 - z_0, so the model can keep reading the
+  confounder through z_0, where no penalty looks. On crosses this is a complete
+  failure: test AUC 0.01 and 0.00, the baseline's, while `contrast` l1 reaches
+  0.63 and 0.66. On Decoy Digits it is partial (0.78 vs 0.81 accuracy at 64
+  images, 0.80 vs 0.87 at 128): the grid's largest λ still slows how fast z_0
+  picks the swatch up.
+- **Crosses.** The baseline's 0.00 matches the paper. GradMask l1 (0.63 and 0.66)
+  falls short of the published 0.76 ± 0.04 and no setting reaches 0.95. Our CNN
+  trained without the bar confound reaches 0.81 (64 images) and 0.97 (128), so
+  0.95 is possible only at 128 images, and the penalised models underfit: their
+  test accuracy is 0.50 (the penalty flattens z_1 - z_0 until every image falls on
+  one side of 0; the ranking, hence the AUC, survives). The authors trained a
+  larger network for much longer; here each setting gets 300 Adam steps so that
+  the table fits in an hour. Expected gradients does worst (0.17, 0.12): its
+  baseline is another image of the batch, so x - x' is nonzero on the *other*
+  image's crosses, which lie outside this image's mask, and the penalty punishes
+  the model for reading crosses at all.
+- **Brain slices** have no published counterpart (our MNI152 construction), and
+  the target does not hold: GradMask `contrast` sq_l2 moves test AUC by +0.02 at
+  64 images (p = 0.68) and -0.05 at 128 (p = 0.064); expected gradients by +0.05
+  (p = 0.077) and -0.01. Two reasons, measured or by construction: (1) at 64
+  images the CNN cannot learn the lesion even without the confound (test AUC 0.51
+  on one seed; 0.82 at 128), so there is nothing for a penalty to recover; (2) the
+  bias field multiplies the whole brain, the lesion included, so part of the
+  confound lives inside the mask where GradMask does not penalise; and only the
+  lesion images (half of each batch) carry a mask.
+- **Model selection.** As in the paper, the learning rate and λ are chosen per
+  seed on a validation set whose confound differs from training (Decoy Digits:
+  random swatch; crosses: bar flipped, as the authors; brain slices: bias field
+  independent of the label). That validation set carries information about the
+  shift; the baseline has only the learning rate to choose, the penalties also λ.
+  With 12 seeds the smallest two-sided Wilcoxon p-value is 2 / 2^12 = 0.00049.
+"""
+
+
+def write_report(path, results, datasets, sizes, methods, protocol, elapsed):
+    lines = [
+        "# GradMask Table 1 protocol on offline data",
+        "",
+        f"Produced by `examples/reproduce_table.py` ({protocol}; {elapsed / 60:.1f} min). "
+        "Per data set, training size and seed, every method is trained for a fixed number of "
+        f"Adam steps ({', '.join(f'{d.name}: {d.n_steps}' for d in datasets)}) on random "
+        f"minibatches of {BATCH_SIZE} images with each learning rate in {list(LEARNING_RATES)} and each λ "
+        "of its grid; the setting with the best validation AUC is scored on the test set "
+        f"({N_TEST} images; Decoy Digits: the whole test pool). Test AUC and accuracy are "
+        "mean ± SD over seeds; p is the two-sided Wilcoxon signed-rank test of the method's "
+        "test AUC against the baseline's, paired by seed. λ and lr: the value chosen most often. "
+        f"GradMask dilates the masks by {', '.join(f'{d.name}: {d.dilate}' for d in datasets)} "
+        "pixels (the authors blurred theirs). Methods run on brain slices: "
+        f"{', '.join(BRAIN_METHODS)} (the others cost too much time there).",
+        "",
+        "λ grids: " + "; ".join(f"{m.name}: {list(m.weights)}" for m in methods if m.options) + ".",
+        "",
+        "## Published anchors",
+        "",
+        *[f"- {d.name}: {ANCHORS[d.name]}" for d in datasets],
+        "",
+        "## Results",
+        "",
+        table(results, datasets, sizes, methods),
+        "",
+        "![test AUC per method](results.png)",
+        "",
+        "## The issue's targets",
+        "",
+        target_checks(results, sizes),
+        "",
+        DISCUSSION,
+    ]
+    path.write_text("\n".join(lines))
+
+
+def save_figure(path, results, datasets, sizes, methods):
+    """Test AUC per method (mean ± SD over seeds), one panel per data set."""
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4.2),
+                                squeeze=False, layout="constrained")
+    for axis, dataset in zip(axes[0], datasets):
+        shown = methods_of(dataset, methods)
+        positions = np.arange(len(shown))
+        for offset, n in enumerate(sizes):
+            aucs = [values(results, dataset.name, n, method.name) for method in shown]
+            shift = (offset - (len(sizes) - 1) / 2) * 0.25
+            axis.errorbar(positions + shift, [a.mean() for a in aucs],
+                          yerr=[a.std(ddof=1) if len(a) > 1 else 0 for a in aucs],
+                          fmt="o", capsize=3, label=f"{n} training images")
+        if dataset.name == "crosses":
+            axis.axhline(0.76, color="gray", linestyle="--", linewidth=0.8, label="published GradMask 0.76")
+        axis.axhline(0.5, color="black", linewidth=0.5)
+        axis.set_xticks(positions, [m.name.replace("GradMask ", "") for m in shown],
+                        rotation=35, ha="right", fontsize=8)
+        axis.set_ylim(-0.05, 1.05)
+        axis.set_ylabel("test AUC")
+        axis.set_title(dataset.name)
+        axis.legend(fontsize=7, loc="best")
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="one cell: Decoy Digits, 64 images, 2 seeds, baseline vs GradMask contrast sq_l2")
+    parser.add_argument("--seeds", type=int, default=None, help="number of seeds (default: 2 with --quick, else 20)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--workers", type=int, default=2, help="processes on the CPU (default: 2)")
+    parser.add_argument("--out-dir", default="docs")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    n_seeds = args.seeds or (2 if args.quick else 20)
+    datasets, sizes, methods = DATASETS, TRAIN_SIZES, METHODS
+    if args.quick:
+        datasets, sizes = [DATASETS[0]], (64,)
+        methods = [METHODS[0], next(m for m in METHODS if m.name == RECOMMENDED)]
+    jobs = [(d, n, seed, methods, args.device) for d in datasets for n in sizes for seed in range(n_seeds)]
+    results: List[Result] = []
+    if args.device == "cpu" and args.workers > 1:
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for cell in pool.imap_unordered(run_cell, jobs):
+                results += cell
+                print(f"{cell[0].dataset}, n={cell[0].n_train}, seed {cell[0].seed}: done "
+                      f"({time.perf_counter() - start:.0f} s)", flush=True)
+    else:
+        for job in jobs:
+            results += run_cell(job)
+    elapsed = time.perf_counter() - start
+
+    protocol = (f"{'--quick: ' if args.quick else ''}{n_seeds} seeds (the paper's protocol: 20), "
+                f"training sizes {list(sizes)}, {len(methods)} methods, on {args.device}")
+    out_dir = pathlib.Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_report(out_dir / "results.md", results, datasets, sizes, methods, protocol, elapsed)
+    save_figure(out_dir / "results.png", results, datasets, sizes, methods)
+    print(table(results, datasets, sizes, methods))
+    print(f"\n{out_dir / 'results.md'}, {out_dir / 'results.png'}   total time {elapsed:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
