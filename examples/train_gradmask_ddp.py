@@ -24,54 +24,34 @@ import os
 import pathlib
 import time
 import warnings
-from typing import NamedTuple, Optional
 
-import matplotlib
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data.distributed import DistributedSampler
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from captum.attr import IntegratedGradients  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.nn.parallel import DistributedDataParallel  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from torch.utils.data.distributed import DistributedSampler  # noqa: E402
+from captum_gradmask.datasets.lesions import ARTIFACTS, confounded_lesions
+from captum_gradmask.gradmask import GradMask
 
-from captum_gradmask.datasets.lesions import ARTIFACTS, confounded_lesions  # noqa: E402
-from captum_gradmask.gradmask import GradMask  # noqa: E402
-from captum_gradmask.metrics import relevance_mass_accuracy, roc_auc  # noqa: E402
+# The main example's model, data settings and figure (the script's own folder is on
+# sys.path, from any working directory).
+from train_gradmask import (
+    BATCH_SIZE,
+    DILATE,
+    LEARNING_RATE,
+    N_TRAIN,
+    RECOMMENDED,
+    SETTINGS as MAIN_SETTINGS,
+    TEST_CONFOUND,
+    TRAIN_CONFOUND,
+    save_figure,
+    small_cnn,
+    test_auc,
+)
 
-TRAIN_CONFOUND = 1.0  # artifact in every class-1 and no class-0 training image
-TEST_CONFOUND = 0.5  # artifact independent of the label
-N_TRAIN = 512
-BATCH_SIZE = 32  # over all ranks, as in train_gradmask.py
-LEARNING_RATE = 3e-3
-DILATE = 2  # pixels added around the lesion mask
-
-
-class Setting(NamedTuple):
-    name: str
-    saliency: Optional[str]  # None: cross-entropy only
-    weight: float  # lambda, the penalty weight
-
-
-SETTINGS = [
-    Setting("baseline (cross-entropy)", None, 0.0),
-    Setting("GradMask expected_gradients", "expected_gradients", 1.0),
-]
-
-
-def small_cnn() -> nn.Module:
-    """The model of train_gradmask.py: three convolutions with GroupNorm, global max
-    pooling, two logits."""
-    return nn.Sequential(
-        nn.Conv2d(1, 8, 5, stride=2, padding=2), nn.GroupNorm(2, 8), nn.ReLU(),
-        nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(2, 16), nn.ReLU(),
-        nn.Conv2d(16, 16, 3, stride=2, padding=1), nn.ReLU(),
-        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(16, 2),
-    )
+SETTINGS = [MAIN_SETTINGS[0], RECOMMENDED]  # the baseline and the recommended GradMask
 
 
 def init_distributed(device_kind: str) -> torch.device:
@@ -110,12 +90,6 @@ def train(setting, train_set, n_epochs, seed, device):
     return model.module.eval()
 
 
-def test_auc(model, test_set):
-    with torch.no_grad():
-        logits = model(test_set.images)
-    return roc_auc(logits[:, 1] - logits[:, 0], test_set.labels)
-
-
 def run_experiment(artifact, seeds, n_epochs, n_test, device):
     """Train every setting for every seed on all ranks; on rank 0, the test AUC per
     setting and seed, the first seed's models and test set (for the figure)."""
@@ -148,35 +122,6 @@ def print_table(artifact, aucs, n_seeds):
               f"{values.mean():7.3f} +- {spread:5.3f}  {values.mean() - baseline:+11.3f}")
 
 
-def save_figure(path, models, test_set, n_shown=4):
-    """Test images with the artifact and a lesion, then integrated gradients of
-    z_1 - z_0 for each setting's first-seed model with the share of attribution in
-    the lesion; lesions outlined in red."""
-    shown = (test_set.labels == 1) & test_set.has_artifact
-    images, masks = test_set.images[shown][:n_shown], test_set.masks[shown][:n_shown]
-    rows = [("image", images, None)]
-    for name, model in models.items():
-        integrated = IntegratedGradients(lambda x, m=model: m(x)[:, 1] - m(x)[:, 0])
-        maps = integrated.attribute(images.clone(), n_steps=32).abs().detach()
-        rows.append((name.split(" (")[0], maps, relevance_mass_accuracy(maps, masks)))
-    figure, axes = plt.subplots(len(rows), n_shown, figsize=(2.1 * n_shown, 2.1 * len(rows)),
-                                squeeze=False, layout="constrained")
-    for row, (name, maps, lesion_share) in enumerate(rows):
-        for column in range(len(images)):
-            axis = axes[row, column]
-            if lesion_share is None:
-                axis.imshow(maps[column, 0].cpu().numpy(), cmap="gray", vmin=-1.5, vmax=2.5)
-                axis.set_title(name, fontsize=7)
-            else:
-                axis.imshow(maps[column, 0].cpu().numpy(), cmap="hot")
-                axis.set_title(f"{name}\nshare in lesion {lesion_share[column]:.2f}", fontsize=7)
-            axis.contour(masks[column, 0].cpu().numpy(), levels=[0.5], colors="red", linewidths=0.8)
-            axis.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true",
@@ -207,7 +152,7 @@ def main():
               f"{n_epochs} epochs of global batch {BATCH_SIZE}")
         print_table(args.artifact, aucs, n_seeds)
         out = pathlib.Path(args.out)
-        save_figure(out, first_models, first_test_set)
+        save_figure(out, {args.artifact: (first_models, first_test_set)})
         print(f"\nfigure: {out}   total time {time.perf_counter() - start:.1f} s")
     dist.destroy_process_group()
 

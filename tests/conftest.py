@@ -36,6 +36,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_slow)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one CPU thread: on tiny tensors extra threads only add
+    synchronisation, which dominates (10x) when other processes share the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _devices(config):
     requested = config.getoption("--device")
     if requested:

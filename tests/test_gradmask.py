@@ -22,14 +22,7 @@ SIDE = {1: 8, 2: 5, 3: 4}
 N_CLASSES = 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The tensors here are tiny: extra threads only add synchronisation, which
-    # dominates (10x) when other processes share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # --- models, data and the float64 reference ---
