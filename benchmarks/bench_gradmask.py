@@ -30,7 +30,6 @@ that swung the ratios by 2x between runs.
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 
@@ -40,6 +39,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
 from captum_gradmask.gradmask import GradMask
+
+from _timing import interleaved_medians, synchronize
 
 PENALTY_WEIGHT = 10.0
 LOSSES = ["ce", "hand", "exact", "finite_diff", "expected_gr"]
@@ -166,22 +167,8 @@ def training_step(loss_function, optimizer, batch):
 # --- measurement ---
 
 
-def synchronize(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def interleaved_medians_ms(steps, repeats, device):
-    """Median milliseconds of each step; one warm-up round, then the steps take turns."""
-    times = {name: [] for name in steps}
-    for _ in range(repeats + 1):
-        for name, step in steps.items():
-            synchronize(device)
-            start = time.perf_counter()
-            step()
-            synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(runs[1:]) for name, runs in times.items()}
+def milliseconds(seconds_by_name):
+    return {name: 1e3 * seconds for name, seconds in seconds_by_name.items()}
 
 
 def peak_memory_mib(step, device):
@@ -223,7 +210,7 @@ def benchmark_model(name, device, repeats):
         loss: training_step(function, optimizer, batch)
         for loss, function in loss_functions(model).items()
     }
-    times = interleaved_medians_ms(steps, repeats, device)
+    times = milliseconds(interleaved_medians(steps, repeats, device))
     memory = {loss: peak_memory_mib(step, device) for loss, step in steps.items()}
     print(f"\n{name}: {batch_size} x {'x'.join(map(str, shape))}, median of {repeats}")
     print(f"{'loss':<12} {'step (ms)':>10} {'vs hand':>8} {'peak (MiB)':>11} {'vs hand':>8}")
@@ -274,7 +261,7 @@ def benchmark_compiled(device, repeats):
         steps[f"finite_diff {mode}"] = training_step(
             lambda *b, gradmask=gradmasks[mode]: gradmask_loss(gradmask, *b), optimizer, batch
         )
-    times = interleaved_medians_ms(steps, repeats, device)
+    times = milliseconds(interleaved_medians(steps, repeats, device))
     penalties = {mode: gradmask(batch[0], batch[2]).penalty.item() for mode, gradmask in gradmasks.items()}
     print(f"\ntorch.compile, small CNN 2-D, median of {repeats}")
     print(f"first finite_difference step with the compiled model (compiles): {compile_seconds:.1f} s")

@@ -14,7 +14,6 @@ compared functions run in turn, so load from other processes hits them alike.
 """
 
 import argparse
-import statistics
 import time
 import warnings
 
@@ -28,27 +27,10 @@ from torch import nn
 from captum_gradmask.refine import refine_mask
 from captum_gradmask.unveiling import IterativeUnveiling
 
+from _timing import interleaved_medians, synchronize
+
 THRESHOLD = 0.5
 N_PASSES = 3
-
-
-def interleaved_medians(functions, repeats, device):
-    """Median seconds of each function; runs alternate, so load from other
-    processes falls on all of them alike. One warm-up run each."""
-    times = {name: [] for name in functions}
-    for _ in range(repeats + 1):
-        for name, function in functions.items():
-            _synchronize(device)
-            start = time.perf_counter()
-            function()
-            _synchronize(device)
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(runs[1:]) for name, runs in times.items()}
-
-
-def _synchronize(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def scipy_refine(attributions: np.ndarray, kernel_size: int) -> np.ndarray:
@@ -122,10 +104,10 @@ class TimedAttribution(Attribution):
         self.seconds = 0.0
 
     def attribute(self, inputs, **kwargs):
-        _synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         attributions = self.attribution_method.attribute(inputs, **kwargs)
-        _synchronize(self.device)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - start
         return attributions
 
@@ -142,10 +124,10 @@ class TimedScoring(nn.Module):
     def forward(self, inputs):
         if torch.is_grad_enabled():
             return self.model(inputs)
-        _synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         outputs = self.model(inputs)
-        _synchronize(self.device)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - start
         return outputs
 
@@ -176,11 +158,11 @@ def bench_unveiling_overhead(args):
         run = lambda: unveiling.unveil(images, target=1, n_iter=5, **kwargs)  # noqa: E731
         run()  # warm-up
         timed.seconds = model.seconds = 0.0
-        _synchronize(args.device)
+        synchronize(args.device)
         start = time.perf_counter()
         for _ in range(args.repeats):
             run()
-        _synchronize(args.device)
+        synchronize(args.device)
         total = time.perf_counter() - start
         outside = total - timed.seconds
         own = outside - model.seconds
