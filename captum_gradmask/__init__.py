@@ -17,6 +17,7 @@ from captum_gradmask.mc_dropout import (
 )
 from captum_gradmask.refine import refine_mask
 from captum_gradmask.unveiling import IterativeUnveiling, UnveilingResult
+from captum_gradmask._validation import value_checks
 
 __version__ = "0.1.0.dev0"
 
@@ -33,5 +34,6 @@ __all__ = [
     "gradmask_penalty",
     "predictive_uncertainty",
     "refine_mask",
+    "value_checks",
     "__version__",
 ]

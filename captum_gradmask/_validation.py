@@ -1,6 +1,7 @@
 """Checks of public arguments, with errors that name the argument."""
 
-from typing import List, Tuple
+import contextlib
+from typing import Callable, Iterator, List, Tuple
 
 import torch
 from torch import Tensor
@@ -8,6 +9,46 @@ from torch import Tensor
 from captum_gradmask._compat import _format_tensor_into_tuples
 
 IndexTuple = Tuple[int, ...]
+
+_value_checks_enabled = True
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    r"""Turn the checks of tensor *values* on or off inside a ``with`` block.
+
+    Checks of shapes, dtypes and devices always run. Checks of values (NaN or Inf,
+    mask values outside [0, 1], class indices out of range) read the tensor, which
+    on a GPU makes the host wait for the device. In a trusted training loop, turn
+    them off to keep every step free of host-device synchronisation; bad values then
+    give NaN or a device-side error instead of a clear ``ValueError``.
+
+    Examples::
+
+        >>> with value_checks(False):
+        ...     for x, masks, labels in loader:
+        ...         outputs, penalty = gradmask(x, masks)
+    """
+    global _value_checks_enabled
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {type(enabled).__name__}")
+    previous, _value_checks_enabled = _value_checks_enabled, enabled
+    try:
+        yield
+    finally:
+        _value_checks_enabled = previous
+
+
+def check_values(values_ok: Callable[[], Tensor], message: str) -> None:
+    """Raise ``ValueError(message)`` unless every element of ``values_ok()`` is true;
+    skipped, without computing ``values_ok()``, inside ``value_checks(False)``."""
+    if _value_checks_enabled and not bool(values_ok().all()):
+        raise ValueError(message)
+
+
+def check_finite(tensor: Tensor, name: str) -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``tensor`` holds NaN or Inf."""
+    check_values(lambda: torch.isfinite(tensor), f"{name} holds NaN or Inf; expected finite values")
 
 
 def check_float_inputs(inputs: object, name: str = "inputs") -> Tuple[Tensor, ...]:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_gradmask._compat import _format_additional_forward_args
-from captum_gradmask._validation import check_float_inputs
+from captum_gradmask._validation import check_finite, check_float_inputs, check_values
 
 VARIANTS = ("contrast", "class", "target", "rrr")
 SALIENCIES = ("gradient", "input_x_gradient", "expected_gradients")
@@ -276,11 +276,11 @@ def _saliency_objective(
         raise ValueError(
             f"contrast_target must be an int in [0, {n_classes}), got {contrast_target!r}"
         )
-    if bool((target_index == contrast_target).any()):
-        raise ValueError(
-            f"contrast_target must differ from target, both are {contrast_target} "
-            "(for every example: their saliency |z_t - z_c| would be 0)"
-        )
+    check_values(
+        lambda: target_index != contrast_target,
+        f"contrast_target must differ from target, both are {contrast_target} "
+        "(for an example: its saliency |z_t - z_c| would be 0)",
+    )
     return lambda logits: (logits[rows, target_index] - logits[:, contrast_target]).abs()
 
 
@@ -304,8 +304,7 @@ def _target_index(
         raise ValueError(
             f"target must have shape ({batch_size},), got {tuple(target.shape)}"
         )
-    if bool(((target < 0) | (target >= n_classes)).any()):
-        raise ValueError(f"target labels must be in [0, {n_classes})")
+    check_values(lambda: (target >= 0) & (target < n_classes), f"target labels must be in [0, {n_classes})")
     return target.to(device=device, dtype=torch.long)
 
 
@@ -498,8 +497,11 @@ def _check_mask(mask: object, inputs: Tensor) -> None:
         )
     if mask.device != inputs.device:
         raise ValueError(f"mask is on {mask.device} but inputs are on {inputs.device}")
-    if mask.dtype != torch.bool and not bool(((mask >= 0) & (mask <= 1)).all()):
-        raise ValueError("mask values must be finite and in [0, 1] (NaN, Inf or out of range found)")
+    if mask.dtype != torch.bool:
+        check_values(
+            lambda: (mask >= 0) & (mask <= 1),
+            "mask values must be finite and in [0, 1] (NaN, Inf or out of range found)",
+        )
 
 
 def _example_weight(has_mask: Optional[Tensor], inputs: Tensor) -> Tensor:
@@ -513,8 +515,8 @@ def _example_weight(has_mask: Optional[Tensor], inputs: Tensor) -> Tensor:
         )
     if has_mask.device != inputs.device:
         raise ValueError(f"has_mask is on {has_mask.device} but inputs are on {inputs.device}")
-    if has_mask.dtype != torch.bool and not bool(((has_mask == 0) | (has_mask == 1)).all()):
-        raise ValueError("has_mask must be bool or hold only 0 and 1")
+    if has_mask.dtype != torch.bool:
+        check_values(lambda: (has_mask == 0) | (has_mask == 1), "has_mask must be bool or hold only 0 and 1")
     return has_mask.to(inputs.dtype)
 
 

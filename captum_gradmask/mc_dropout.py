@@ -25,7 +25,7 @@ from captum_gradmask._compat import (
     _is_tuple,
 )
 from captum_gradmask._state import preserved_training_modes
-from captum_gradmask._validation import check_float_inputs
+from captum_gradmask._validation import check_float_inputs, check_values
 
 # Input dimensions (batch included) of the channel-wise layers; nn.Dropout masks every
 # element and takes any shape.
@@ -495,15 +495,11 @@ def _check_probabilities(probs: object) -> None:
             f"{tuple(probs.shape)}"
         )
     tolerance = max(1e-4, 8 * torch.finfo(probs.dtype).eps)
-    sums = probs.sum(2)
-    if bool((probs < 0).any()) or not torch.allclose(
-        sums, torch.ones_like(sums), atol=tolerance, rtol=0
-    ):
-        raise ValueError(
-            "probs must be non-negative and sum to 1 over the class dimension 2 (within "
-            f"{tolerance:g}); got sums in [{sums.min():g}, {sums.max():g}]. Pass "
-            "probabilities, not logits"
-        )
+    check_values(
+        lambda: (probs >= 0) & ((probs.sum(2, keepdim=True) - 1).abs() <= tolerance),
+        "probs must be non-negative and sum to 1 over the class dimension 2 (within "
+        f"{tolerance:g}). Pass probabilities, not logits",
+    )
 
 
 def _check_samples_batch_size(mc_samples_batch_size: object, n_samples: int) -> int:

@@ -9,6 +9,8 @@ import math
 import torch
 from torch import Tensor
 
+from captum_gradmask._validation import check_values
+
 _NORMALIZATIONS = ("max", "p99")
 _THRESHOLD_MODES = ("value", "quantile")
 
@@ -83,8 +85,10 @@ def refine_mask_checked_options(
         saliency = torch.minimum(saliency, per_sample_quantile(saliency, 0.99))
     per_sample_max = _per_sample_max(saliency)
     # NaN and inf survive the max, so checking N numbers checks every pixel.
-    if not bool(torch.isfinite(per_sample_max).all()):
-        raise ValueError("attributions contain NaN or infinite values; expected finite maps")
+    check_values(
+        lambda: torch.isfinite(per_sample_max),
+        "attributions contain NaN or infinite values; expected finite maps",
+    )
     saliency.div_(torch.where(per_sample_max > 0, per_sample_max, 1))  # abs() made a copy
     saliency = box_mean(saliency, kernel_size, n_passes)
     per_sample_max = _per_sample_max(saliency)
