@@ -29,18 +29,15 @@ that swung the ratios by 2x between runs.
 """
 
 import argparse
-import json
-import tempfile
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from captum_gradmask.gradmask import GradMask
 
-from _timing import interleaved_medians, synchronize
+from _measure import interleaved_medians, peak_memory_mib, synchronize
 
 PENALTY_WEIGHT = 10.0
 LOSSES = ["ce", "hand", "exact", "finite_diff", "expected_gr"]
@@ -169,34 +166,6 @@ def training_step(loss_function, optimizer, batch):
 
 def milliseconds(seconds_by_name):
     return {name: 1e3 * seconds for name, seconds in seconds_by_name.items()}
-
-
-def peak_memory_mib(step, device):
-    """Peak tensor memory of one step above what was live before it."""
-    synchronize(device)
-    if device.type == "cuda":
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        step()
-    with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
-        profiler.export_chrome_trace(trace_file.name)
-        with open(trace_file.name) as trace:
-            events = json.load(trace)["traceEvents"]
-    # One "[memory]" event per allocation (+bytes) and free (-bytes), in time order.
-    changes = sorted(
-        (event["ts"], event["args"]["Ev Idx"], event["args"]["Bytes"])
-        for event in events
-        if event.get("name") == "[memory]"
-    )
-    live = peak = 0
-    for _, _, change in changes:
-        live += change
-        peak = max(peak, live)
-    return peak / 2**20
 
 
 def benchmark_model(name, device, repeats):

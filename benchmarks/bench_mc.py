@@ -12,15 +12,14 @@ of one call (tensor memory from the PyTorch profiler on CPU, allocator peak on C
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from captum.attr import Saliency
 from torch import nn
-from torch.profiler import ProfilerActivity, profile
 
 from captum_gradmask.mc_dropout import MCAttribution, MCDropout
+
+from _measure import interleaved_medians, peak_memory_mib
 
 N_SAMPLES = 20
 BATCH_SIZE = 4
@@ -93,39 +92,6 @@ def batched_saliency(mc_model, images, chunk):
     )
 
 
-def median_ms(call, device, repeats, warmup=3):
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
-
-
-def peak_memory_mib(call, device):
-    """Peak tensor memory allocated during one call, above what was live before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        baseline = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        call()
-        return (torch.cuda.max_memory_allocated(device) - baseline) / 2**20
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        call()
-    live = peak = 0
-    for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
-        # "[memory]" events are frees outside any op; ops carry their own net allocation.
-        live += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, live)
-    return peak / 2**20
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -134,7 +100,7 @@ def main():
     device = torch.device(args.device)
     print(
         f"T = {N_SAMPLES}, batch {BATCH_SIZE}, {device}, {torch.get_num_threads()} threads, "
-        f"median of {args.repeats} after warm-up\n"
+        f"median of {args.repeats} interleaved runs after warm-up\n"
     )
     print(
         f"{'inputs':<9} {'task':<11} {'loop (ms)':>10} "
@@ -150,11 +116,12 @@ def main():
             ("prediction", loop_predict, batched_predict),
             ("saliency", loop_saliency, batched_saliency),
         ]:
-            loop_time = median_ms(lambda: loop(model, images), device, args.repeats)
-            batched_times = [
-                median_ms(lambda: batched(mc_model, images, chunk), device, args.repeats)
-                for chunk in CHUNKINGS[:2]
-            ]
+            calls = {"loop": lambda: loop(model, images)}
+            for chunk in CHUNKINGS[:2]:
+                calls[chunk] = lambda chunk=chunk: batched(mc_model, images, chunk)
+            medians = interleaved_medians(calls, args.repeats, device)
+            loop_time = 1e3 * medians.pop("loop")
+            batched_times = [1e3 * seconds for seconds in medians.values()]
             print(
                 f"{side}x{side:<6} {task:<11} {loop_time:10.2f} "
                 + " ".join(f"{t:19.2f}" for t in batched_times)

@@ -27,7 +27,7 @@ from torch import nn
 from captum_gradmask.refine import refine_mask
 from captum_gradmask.unveiling import IterativeUnveiling
 
-from _timing import interleaved_medians, synchronize
+from _measure import interleaved_medians, synchronize
 
 THRESHOLD = 0.5
 N_PASSES = 3

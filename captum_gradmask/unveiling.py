@@ -90,6 +90,7 @@ class IterativeUnveiling(Attribution):
         normalize: str = "max",
         threshold_mode: str = "value",
         additional_forward_args: Optional[object] = None,
+        examples_batch_size: Optional[int] = None,
         show_progress: bool = False,
         **attribute_kwargs: object,
     ) -> Union[Tensor, tuple]:
@@ -113,6 +114,7 @@ class IterativeUnveiling(Attribution):
             normalize=normalize,
             threshold_mode=threshold_mode,
             additional_forward_args=additional_forward_args,
+            examples_batch_size=examples_batch_size,
             show_progress=show_progress,
             **attribute_kwargs,
         )
@@ -133,6 +135,7 @@ class IterativeUnveiling(Attribution):
         normalize: str = "max",
         threshold_mode: str = "value",
         additional_forward_args: Optional[object] = None,
+        examples_batch_size: Optional[int] = None,
         show_progress: bool = False,
         **attribute_kwargs: object,
     ) -> UnveilingResult:
@@ -154,10 +157,16 @@ class IterativeUnveiling(Attribution):
                 options, see :func:`~captum_gradmask.refine.refine_mask`.
             additional_forward_args (Any, optional): passed to the model after the
                 inputs, both by the wrapped method and when scoring.
+            examples_batch_size (int, optional): unveil this many examples at a
+                time, so peak memory stays that of a batch this size; results are
+                the same. Per-example tensors (first dimension N) in ``target``,
+                ``baselines``, ``additional_forward_args`` and ``attribute_kwargs``
+                are split with the inputs. Default: None (all N at once)
             show_progress (bool): show a tqdm progress bar over iterations.
                 Default: False
             **attribute_kwargs: passed to the wrapped method's ``attribute``, e.g.
-                ``nt_samples`` for NoiseTunnel or ``n_steps`` for IntegratedGradients.
+                ``nt_samples`` and ``nt_samples_batch_size`` for NoiseTunnel or
+                ``n_steps`` and ``internal_batch_size`` for IntegratedGradients.
 
         Returns:
             UnveilingResult: masks, attributions, scores, order map and per-sample
@@ -167,10 +176,48 @@ class IterativeUnveiling(Attribution):
         image = _single_image(inputs)
         _check_n_iter(n_iter)
         check_refine_options(kernel_size, n_passes, threshold, normalize, threshold_mode)
+        n_examples = image.shape[0]
+        chunk_size = _check_examples_batch_size(examples_batch_size, n_examples)
         baseline = _baseline_tensor(baselines, image, kernel_size)
         refine_options = (kernel_size, n_passes, threshold, normalize, threshold_mode)
 
         image = image.detach()  # an alias: the caller's tensor is never handed out
+        chunks = [slice(start, start + chunk_size) for start in range(0, n_examples, chunk_size)]
+        results = []
+        with tqdm(total=n_iter * len(chunks), desc="Unveiling", disable=not show_progress) as bar:
+            for rows in chunks:
+                results.append(
+                    self._unveil_examples(
+                        image[rows],
+                        target if not isinstance(target, list) else target[rows],
+                        _example_rows(baseline, rows, n_examples),
+                        _example_rows(additional_forward_args, rows, n_examples),
+                        {k: _example_rows(v, rows, n_examples) for k, v in attribute_kwargs.items()},
+                        n_iter,
+                        refine_options,
+                        bar,
+                    )
+                )
+        return UnveilingResult(*(torch.cat(parts) for parts in zip(*results)))
+
+    def _unveil_examples(
+        self,
+        image: Tensor,
+        target: object,
+        baseline: Tensor,
+        additional_forward_args: Optional[object],
+        attribute_kwargs: dict,
+        n_iter: int,
+        refine_options: tuple,
+        progress_bar: tqdm,
+    ) -> UnveilingResult:
+        """The unveiling iterations on one batch of examples, all arguments checked.
+
+        Every iteration runs, also after all samples stopped: checking whether any
+        sample is still active would make the host wait for the device. A stopped
+        sample is rare (its map must be zero everywhere not yet hidden) and finds
+        nothing more.
+        """
         spatial_ones = (1,) * (image.dim() - 2)
         hidden = torch.zeros_like(image[:, :1], dtype=torch.bool)
         active = torch.ones(image.shape[0], dtype=torch.bool, device=image.device)
@@ -179,9 +226,7 @@ class IterativeUnveiling(Attribution):
         scores = [self._score(current, target, additional_forward_args)]
         masks: List[Tensor] = []
         attributions: List[Tensor] = []
-        for iteration in tqdm(range(n_iter), desc="Unveiling", disable=not show_progress):
-            if not bool(active.any()):
-                break
+        for iteration in range(n_iter):
             attribution, outputs = self._attribute_keeping_outputs(
                 current, target, additional_forward_args, attribute_kwargs
             )
@@ -196,8 +241,9 @@ class IterativeUnveiling(Attribution):
             current = _fresh_leaf(torch.where(hidden, baseline, image))
             masks.append(new_region)
             attributions.append(attribution)
+            progress_bar.update()
         scores.append(self._score(current, target, additional_forward_args))
-        return _collect_result(masks, attributions, scores, n_iter)
+        return _collect_result(masks, attributions, scores)
 
     def _attribute_keeping_outputs(
         self,
@@ -274,14 +320,11 @@ def _forward_hook(forward_func: object, hook: Callable) -> Iterator[None]:
 
 
 def _collect_result(
-    masks: List[Tensor], attributions: List[Tensor], scores: List[Tensor], n_iter: int
+    masks: List[Tensor], attributions: List[Tensor], scores: List[Tensor]
 ) -> UnveilingResult:
-    """Stack per-iteration lists, padding iterations skipped after every sample stopped."""
-    for _ in range(n_iter - len(masks)):
-        masks.append(torch.zeros_like(masks[0]))
-        attributions.append(torch.zeros_like(attributions[0]))
-        scores.append(scores[-1])
+    """Stack the per-iteration lists into an UnveilingResult."""
     stacked_masks = torch.stack(masks, dim=1)
+    n_iter = stacked_masks.shape[1]
     iteration = torch.arange(1, n_iter + 1, device=stacked_masks.device)
     iteration = iteration.view(1, n_iter, *([1] * (stacked_masks.dim() - 2)))
     order = (stacked_masks * iteration).sum(dim=1)  # regions are disjoint
@@ -292,6 +335,16 @@ def _collect_result(
         order=order,
         n_found=stacked_masks.flatten(start_dim=2).any(dim=2).sum(dim=1),
     )
+
+
+def _example_rows(value: object, rows: slice, n_examples: int) -> object:
+    """``value[rows]`` for a per-example Tensor (first dimension ``n_examples``),
+    element-wise for a tuple, anything else unchanged."""
+    if isinstance(value, tuple):
+        return tuple(_example_rows(item, rows, n_examples) for item in value)
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n_examples:
+        return value[rows]
+    return value
 
 
 def _fresh_leaf(inputs: Tensor) -> Tensor:
@@ -319,6 +372,16 @@ def _single_image(inputs: object) -> Tensor:
             f"spatial dimensions, got shape {tuple(inputs.shape)}"
         )
     return inputs
+
+
+def _check_examples_batch_size(examples_batch_size: object, n_examples: int) -> int:
+    if examples_batch_size is None:
+        return n_examples
+    if not isinstance(examples_batch_size, int) or isinstance(examples_batch_size, bool):
+        raise TypeError(f"examples_batch_size must be None or an int, got {examples_batch_size!r}")
+    if examples_batch_size < 1:
+        raise ValueError(f"examples_batch_size must be >= 1, got {examples_batch_size}")
+    return examples_batch_size
 
 
 def _check_n_iter(n_iter: object) -> None:

@@ -129,7 +129,7 @@ def test_finds_weaker_blob_after_stronger(device):
     assert result.order[:, 0, 9, 9].tolist() == [2, 2]
     assert result.n_found.tolist() == [2, 2]
     assert int((result.order > 0).sum()) == 4
-    assert stub.calls == 3  # the third iteration found nothing: every sample stopped
+    assert stub.calls == 4  # every iteration runs: no host-side check for stopped samples
 
 
 def test_scores_reuse_the_forward_of_saliency(device):
@@ -228,6 +228,34 @@ def test_additional_forward_args_reach_model_and_scores():
     torch.testing.assert_close(result.scores, reference)
 
 
+@pytest.mark.parametrize("examples_batch_size", [1, 2, 4])
+def test_examples_batch_size_gives_the_same_result(device, examples_batch_size):
+    """Per-example target, baselines, forward args and method kwargs are split with
+    the inputs; the chunked result equals the one of the whole batch."""
+    model = max_pooling_cnn().to(device)
+
+    def forward(inputs, scale):
+        return scale * model(inputs)
+
+    images = blob_images(5, device)
+    rows = torch.arange(5, device=device, dtype=images.dtype).view(5, 1, 1, 1)
+    options = {
+        "target": [1, 0, 1, 1, 0],
+        "baselines": 0.02 * rows.expand_as(images),
+        "additional_forward_args": (1 + rows.view(5, 1) / 4,),
+        "n_iter": 3,
+        "kernel_size": 3,
+        "n_steps": 4,
+        "internal_batch_size": 5,  # IntegratedGradients' own, passed through
+        "method": "riemann_left",
+    }
+    unveiling = IterativeUnveiling(IntegratedGradients(forward))
+    whole = unveiling.unveil(images, **options)
+    chunked = unveiling.unveil(images, **options, examples_batch_size=examples_batch_size)
+    for field, expected, actual in zip(UnveilingResult._fields, whole, chunked):
+        torch.testing.assert_close(actual, expected, msg=field)
+
+
 def test_show_progress_prints_a_bar(capsys):
     model = max_pooling_cnn()
     IterativeUnveiling(Saliency(model)).unveil(
@@ -283,6 +311,8 @@ def test_nan_attributions_raise():
         ({"threshold": 2.0}, ValueError, r"threshold must be in \(0, 1\]"),
         ({"kernel_size": 2}, ValueError, "kernel_size must be a positive odd int"),
         ({"target": None}, ValueError, "target must select one model output per example"),
+        ({"examples_batch_size": 0}, ValueError, "examples_batch_size must be >= 1, got 0"),
+        ({"examples_batch_size": 2.0}, TypeError, "examples_batch_size must be None or an int"),
     ],
 )
 def test_argument_errors(kwargs, error, message):
