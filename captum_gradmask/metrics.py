@@ -10,6 +10,7 @@ that NaN to True).
 """
 
 import math
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
@@ -104,11 +105,8 @@ def mask_iou(masks: Tensor, targets: Tensor) -> Tensor:
     Returns:
         Tensor: (N,) float32; NaN where both masks are empty.
     """
-    _check_same_shape(masks, targets, "masks", "targets")
-    flat_masks, flat_targets = _flat_bool(masks), _flat_bool(targets)
-    intersection = (flat_masks & flat_targets).sum(dim=1)
-    union = (flat_masks | flat_targets).sum(dim=1)
-    return intersection / union
+    intersection, total = _overlap(masks, targets)
+    return intersection / (total - intersection)
 
 
 def mask_dice(masks: Tensor, targets: Tensor) -> Tensor:
@@ -121,10 +119,16 @@ def mask_dice(masks: Tensor, targets: Tensor) -> Tensor:
     Returns:
         Tensor: (N,) float32; NaN where both masks are empty.
     """
+    intersection, total = _overlap(masks, targets)
+    return 2 * intersection / total
+
+
+def _overlap(masks: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
+    """Per sample: pixels inside both masks, and the sum of the two masks' sizes."""
     _check_same_shape(masks, targets, "masks", "targets")
     flat_masks, flat_targets = _flat_bool(masks), _flat_bool(targets)
     intersection = (flat_masks & flat_targets).sum(dim=1)
-    return 2 * intersection / (flat_masks.sum(dim=1) + flat_targets.sum(dim=1))
+    return intersection, flat_masks.sum(dim=1) + flat_targets.sum(dim=1)
 
 
 def region_recall(masks: Tensor, regions: Tensor, min_coverage: float = 0.5) -> Tensor:
