@@ -17,8 +17,9 @@ _value_checks_enabled = True
 def value_checks(enabled: bool) -> Iterator[None]:
     r"""Turn the checks of tensor *values* on or off inside a ``with`` block.
 
-    Checks of shapes, dtypes and devices always run. Checks of values (NaN or Inf,
-    mask values outside [0, 1], class indices out of range) read the tensor, which
+    Checks of shapes, dtypes and devices always run. Checks of values (NaN or Inf in
+    arguments, or in results because the model overflowed; mask values outside
+    [0, 1]; class indices out of range) read the tensor, which
     on a GPU makes the host wait for the device. In a trusted training loop, turn
     them off to keep every step free of host-device synchronisation; bad values then
     give NaN or a device-side error instead of a clear ``ValueError``.
@@ -51,9 +52,12 @@ def check_finite(tensor: Tensor, name: str) -> None:
     check_values(lambda: torch.isfinite(tensor), f"{name} holds NaN or Inf; expected finite values")
 
 
-def check_float_inputs(inputs: object, name: str = "inputs") -> Tuple[Tensor, ...]:
-    """Return ``inputs`` as a tuple after checking it holds non-empty float tensors
-    with one batch size on one device."""
+def check_float_inputs(
+    inputs: object, name: str = "inputs", forward_func: object = None
+) -> Tuple[Tensor, ...]:
+    """Return ``inputs`` as a tuple after checking it holds non-empty, finite float
+    tensors with one batch size on one device, that of ``forward_func``'s parameters
+    if it is a module."""
     if not isinstance(inputs, (Tensor, tuple)):
         raise TypeError(
             f"{name} must be a Tensor or a tuple of Tensors, got {type(inputs).__name__}"
@@ -70,10 +74,10 @@ def check_float_inputs(inputs: object, name: str = "inputs") -> Tuple[Tensor, ..
                 f"{label} must have a floating-point dtype to take gradients, "
                 f"got {tensor.dtype}"
             )
-        if tensor.dim() == 0 or tensor.shape[0] == 0:
+        if tensor.dim() == 0 or tensor.numel() == 0:
             raise ValueError(
-                f"{label} must have a non-empty batch dimension, got shape "
-                f"{tuple(tensor.shape)}"
+                f"{label} must be a non-empty batch (N, ...) with no zero-size "
+                f"dimension, got shape {tuple(tensor.shape)}"
             )
         if tensor.shape[0] != inputs_tuple[0].shape[0]:
             raise ValueError(
@@ -85,7 +89,54 @@ def check_float_inputs(inputs: object, name: str = "inputs") -> Tuple[Tensor, ..
                 f"{label} is on {tensor.device} but {name}[0] is on "
                 f"{inputs_tuple[0].device}; put all inputs on one device"
             )
+    check_model_device(forward_func, inputs_tuple[0], name)
+    for position, tensor in enumerate(inputs_tuple):
+        check_finite(tensor, name if isinstance(inputs, Tensor) else f"{name}[{position}]")
     return inputs_tuple
+
+
+def check_model_device(forward_func: object, tensor: Tensor, name: str = "inputs") -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``forward_func`` is a module whose
+    (first) parameters are on another device than ``tensor``."""
+    if not isinstance(forward_func, torch.nn.Module):
+        return
+    parameter = next(forward_func.parameters(), None)
+    if parameter is not None and parameter.device != tensor.device:
+        raise ValueError(
+            f"{name} is on {tensor.device} but the model's parameters are on "
+            f"{parameter.device}; move the model or the {name} to one device"
+        )
+
+
+def check_baselines(baselines: object, inputs: Tuple[Tensor, ...]) -> None:
+    """Check the Tensors in ``baselines`` (a Tensor, or a tuple with an entry per
+    input; numbers pass) are floating point, on the device of ``inputs``, finite."""
+    entries = baselines if isinstance(baselines, tuple) else (baselines,)
+    labelled = [
+        (f"baselines[{position}]" if isinstance(baselines, tuple) else "baselines", entry)
+        for position, entry in enumerate(entries)
+        if isinstance(entry, Tensor)
+    ]
+    for label, tensor in labelled:
+        if not tensor.dtype.is_floating_point:
+            raise TypeError(f"{label} must have a floating-point dtype, got {tensor.dtype}")
+        if tensor.device != inputs[0].device:
+            raise ValueError(
+                f"{label} is on {tensor.device} but inputs are on {inputs[0].device}"
+            )
+    for label, tensor in labelled:
+        check_finite(tensor, label)
+
+
+def check_finite_results(results: Tuple[Tensor, ...], name: str) -> None:
+    """Raise a ``ValueError`` if results computed from finite inputs hold NaN or Inf:
+    the model overflowed, e.g. on inputs of huge magnitude."""
+    for result in results:
+        check_values(
+            lambda: torch.isfinite(result),
+            f"NaN or Inf in {name} although the inputs are finite: the model's outputs "
+            "or gradients overflowed (inputs of huge magnitude, or diverged weights)",
+        )
 
 
 def _as_index_tuple(value: object, name: str) -> IndexTuple:

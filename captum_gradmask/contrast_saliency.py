@@ -8,6 +8,7 @@ from torch import Tensor
 
 from captum_gradmask._compat import _format_output, _is_tuple
 from captum_gradmask._validation import (
+    check_finite_results,
     check_float_inputs,
     check_targets_in_range,
     per_example_targets,
@@ -69,7 +70,7 @@ class ContrastSaliency(GradientAttribution):
             Tensor or tuple[Tensor, ...]: attributions shaped like ``inputs``.
         """
         is_inputs_tuple = _is_tuple(inputs)
-        inputs_tuple = check_float_inputs(inputs)
+        inputs_tuple = check_float_inputs(inputs, forward_func=self.forward_func)
         batch_size = inputs_tuple[0].shape[0]
         targets = per_example_targets(target, batch_size, "target")
         contrasts = per_example_targets(contrast_target, batch_size, "contrast_target")
@@ -99,6 +100,7 @@ class ContrastSaliency(GradientAttribution):
         gradients = self.gradient_func(
             contrast_forward, leaves, None, additional_forward_args
         )
+        check_finite_results(gradients, "the contrast saliency")
         if abs:
             gradients = tuple(gradient.abs() for gradient in gradients)
         return _format_output(is_inputs_tuple, gradients)

@@ -18,6 +18,11 @@ from torch import Tensor
 
 from captum_gradmask._compat import _format_tensor_into_tuples, _run_forward
 from captum_gradmask._state import preserved_requires_grad
+from captum_gradmask._validation import (
+    check_baselines,
+    check_finite_results,
+    check_float_inputs,
+)
 from captum_gradmask.contrast_saliency import ContrastSaliency
 
 AttributionT = TypeVar("AttributionT", bound=Attribution)
@@ -85,12 +90,19 @@ def differentiable(attribution: AttributionT) -> AttributionT:
     if method in _GRADIENT_FUNC_METHODS:
         differentiable_copy.gradient_func = gradients_with_graph
     differentiable_copy.attribute = _attribute_keeping_graph(
-        differentiable_copy.attribute, pass_grad_kwargs=method in _GRAD_KWARGS_METHODS
+        differentiable_copy.attribute,
+        pass_grad_kwargs=method in _GRAD_KWARGS_METHODS,
+        input_gradient_of=attribution.forward_func if method in _GRADIENT_FUNC_METHODS else None,
     )
     return differentiable_copy
 
 
-def _attribute_keeping_graph(plain_attribute: Callable, pass_grad_kwargs: bool) -> Callable:
+def _attribute_keeping_graph(
+    plain_attribute: Callable, pass_grad_kwargs: bool, input_gradient_of: Optional[Callable]
+) -> Callable:
+    """Wrap ``attribute`` to keep the graph. ``input_gradient_of``: the forward
+    function of an input-gradient method, whose inputs and baselines must then be
+    finite float tensors on its device (layer methods may take other inputs)."""
     signature = inspect.signature(plain_attribute)
 
     @functools.wraps(plain_attribute)
@@ -105,7 +117,12 @@ def _attribute_keeping_graph(plain_attribute: Callable, pass_grad_kwargs: bool) 
         if pass_grad_kwargs:
             kwargs["grad_kwargs"] = {**(kwargs.get("grad_kwargs") or {}), "create_graph": True}
         inputs = arguments.get("inputs", ())
+        if input_gradient_of is not None:
+            inputs_tuple = check_float_inputs(inputs, forward_func=input_gradient_of)
+            check_baselines(arguments.get("baselines"), inputs_tuple)
         with preserved_requires_grad(_format_tensor_into_tuples(inputs)):
-            return plain_attribute(*args, **kwargs)
+            attributions = plain_attribute(*args, **kwargs)
+        check_finite_results(_format_tensor_into_tuples(attributions), "the attributions")
+        return attributions
 
     return attribute

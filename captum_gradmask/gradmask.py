@@ -22,7 +22,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_gradmask._compat import _format_additional_forward_args
-from captum_gradmask._validation import check_finite, check_float_inputs, check_values
+from captum_gradmask._validation import (
+    check_finite,
+    check_finite_results,
+    check_float_inputs,
+    check_values,
+)
 
 VARIANTS = ("contrast", "class", "target", "rrr")
 SALIENCIES = ("gradient", "input_x_gradient", "expected_gradients")
@@ -104,7 +109,8 @@ def gradmask_penalty(
     examples of a batch; the saliency is then d(sum_b s_b)/dx_b, as in the authors'
     code, which differs from per-example saliency (a warning says so). Use
     GroupNorm, or BatchNorm in eval mode, for per-example saliency. Running
-    statistics are updated once per call, by the forward at the inputs.
+    statistics are updated once per call, by the forward at the inputs. A call that
+    raises (a bad target, the model failing) changes neither them nor the random state.
 
     Examples::
 
@@ -118,7 +124,7 @@ def gradmask_penalty(
             f"inputs must be one Tensor (N, C, *spatial), got a tuple of {len(inputs)}; "
             "pass other model inputs through additional_forward_args"
         )
-    (inputs,) = check_float_inputs(inputs)
+    (inputs,) = check_float_inputs(inputs, forward_func=forward_func)
     if not 3 <= inputs.dim() <= 5:
         raise ValueError(
             "inputs must be one Tensor (N, C, *spatial) with 1 to 3 spatial dims, got "
@@ -132,11 +138,32 @@ def gradmask_penalty(
     outside_lesion = 1 - _dilate(mask.to(inputs.dtype), dilate)
     extra_args = _format_additional_forward_args(additional_forward_args) or ()
     rng = _ReplayableRandomState(inputs.device)
+    with _state_restored_on_error(forward_func, rng):
+        return _outputs_and_penalty(
+            forward_func, inputs, outside_lesion, example_weight, extra_args, rng,
+            variant, target, contrast_target, saliency, norm, reduction, method,
+        )
 
+
+def _outputs_and_penalty(
+    forward_func: Callable[..., Tensor],
+    inputs: Tensor,
+    outside_lesion: Tensor,
+    example_weight: Tensor,
+    extra_args: tuple,
+    rng: "_ReplayableRandomState",
+    variant: str,
+    target: object,
+    contrast_target: int,
+    saliency: str,
+    norm: str,
+    reduction: str,
+    method: str,
+) -> GradMaskOutput:
+    """The forward passes and the penalty of ``gradmask_penalty``, arguments checked."""
     leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_()
-    with _batch_norm_statistics_restored_on_error(forward_func):
-        outputs = forward_func(leaf, *extra_args)
-        objective = _saliency_objective(outputs, inputs.shape[0], variant, target, contrast_target)
+    outputs = forward_func(leaf, *extra_args)
+    objective = _saliency_objective(outputs, inputs.shape[0], variant, target, contrast_target)
     rng.advance_past_first_pass()
 
     if saliency == "expected_gradients":
@@ -154,7 +181,7 @@ def gradmask_penalty(
     if method == "exact":
         (gradient,) = torch.autograd.grad(objective_at_points.sum(), points, create_graph=True)
         penalty = penalty_of(gradient if scale is None else scale * gradient)
-        return GradMaskOutput(outputs, penalty)
+        return _finite_output(outputs, penalty)
 
     objective_sum = objective_at_points.sum()
     (gradient,) = torch.autograd.grad(objective_sum, points, retain_graph=True)
@@ -174,7 +201,7 @@ def gradmask_penalty(
     surrogate = _directional_derivative(objective_sum_at, origin, direction, objective_sum)
     # Value of the exact penalty, gradient of the finite-difference surrogate.
     penalty = penalty_value.detach() + (surrogate - surrogate.detach())
-    return GradMaskOutput(outputs, penalty)
+    return _finite_output(outputs, penalty)
 
 
 class GradMask(nn.Module):
@@ -311,6 +338,11 @@ def _target_index(
 # --- attributions, norms, reduction ---
 
 
+def _finite_output(outputs: Tensor, penalty: Tensor) -> GradMaskOutput:
+    check_finite_results((outputs, penalty), "the model outputs or the GradMask penalty")
+    return GradMaskOutput(outputs, penalty)
+
+
 def _random_path_points(inputs: Tensor) -> Tuple[Tensor, Tensor]:
     """One point per example on the path from a baseline (another example of the
     batch) to the input, and the input-minus-baseline difference."""
@@ -399,6 +431,10 @@ class _ReplayableRandomState:
     def advance_past_first_pass(self) -> None:
         self.first_pass_done = True
 
+    def restore(self) -> None:
+        """Put back the state captured before the first forward pass."""
+        self._set(self.state)
+
     @contextlib.contextmanager
     def replay(self) -> Iterator[None]:
         if not self.first_pass_done:
@@ -438,9 +474,10 @@ def _preserved_buffers(forward_func: Callable) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _batch_norm_statistics_restored_on_error(forward_func: Callable) -> Iterator[None]:
-    """A call that fails after the first forward pass (e.g. on a target out of range)
-    must not leave BatchNorm running statistics updated."""
+def _state_restored_on_error(forward_func: Callable, rng: _ReplayableRandomState) -> Iterator[None]:
+    """A call that fails after the first forward pass (on a target out of range, or
+    the model raising) leaves BatchNorm running statistics and the random state as
+    they were."""
     saved = [
         (buffer, buffer.clone())
         for module in _training_batch_norms(forward_func)
@@ -452,6 +489,7 @@ def _batch_norm_statistics_restored_on_error(forward_func: Callable) -> Iterator
         with torch.no_grad():
             for buffer, value in saved:
                 buffer.copy_(value)
+        rng.restore()
         raise
 
 

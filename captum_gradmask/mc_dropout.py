@@ -25,7 +25,12 @@ from captum_gradmask._compat import (
     _is_tuple,
 )
 from captum_gradmask._state import preserved_training_modes
-from captum_gradmask._validation import check_float_inputs, check_values
+from captum_gradmask._validation import (
+    check_baselines,
+    check_finite_results,
+    check_float_inputs,
+    check_values,
+)
 
 # Input dimensions (batch included) of the channel-wise layers; nn.Dropout masks every
 # element and takes any shape.
@@ -138,7 +143,7 @@ class MCDropout(nn.Module):
         Returns:
             Tensor: outputs of the T sub-networks stacked, shape (T, N, ...).
         """
-        inputs_tuple = check_float_inputs(inputs)
+        inputs_tuple = check_float_inputs(inputs, forward_func=self.model)
         samples_per_pass = _check_samples_batch_size(mc_samples_batch_size, self.n_samples)
         batch_size = inputs_tuple[0].shape[0]
         outputs = []
@@ -147,7 +152,9 @@ class MCDropout(nn.Module):
                 rows = _repeat_batch(inputs_tuple, len(samples), batch_size)
                 output = self._run_rows(rows, samples.repeat_interleave(batch_size))
                 outputs.append(output.unflatten(0, (len(samples), batch_size)))
-        return torch.cat(outputs)
+        stacked = torch.cat(outputs)
+        check_finite_results((stacked,), "the model outputs")
+        return stacked
 
     def uncertainty(
         self,
@@ -328,7 +335,8 @@ class MCAttribution(Attribution):
             the inputs for input attributions), or ``(mean, std)`` if ``return_std``.
         """
         is_inputs_tuple = _is_tuple(inputs)
-        inputs_tuple = check_float_inputs(inputs)
+        inputs_tuple = check_float_inputs(inputs, forward_func=self.mc_model.model)
+        check_baselines(kwargs.get("baselines"), inputs_tuple)
         batch_size = inputs_tuple[0].shape[0]
         _check_target(target, batch_size)
         if kwargs.get("return_convergence_delta"):
@@ -353,6 +361,7 @@ class MCAttribution(Attribution):
         per_sample = [torch.cat(parts) for parts in zip(*chunks)]
         mean = tuple(a.mean(0) for a in per_sample)
         std = tuple(a.std(0, correction=0) for a in per_sample)
+        check_finite_results(mean + std, "the attributions")
         if not returns_tuple:
             mean, std = mean[0], std[0]
         return (mean, std) if return_std else mean

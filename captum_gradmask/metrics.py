@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_gradmask._validation import check_finite, check_values
+
 _CONV_BY_SPATIAL_DIMS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
@@ -70,6 +72,9 @@ def relevance_mass_accuracy(attributions: Tensor, masks: Tensor) -> Tensor:
     """
     _check_attributions_and_masks(attributions, masks)
     flat_attributions, flat_masks = attributions.flatten(start_dim=1), _flat_bool(masks)
+    # The ratio does not change with the scale; scaled to max |a| = 1, sums cannot overflow.
+    scale = flat_attributions.abs().amax(dim=1, keepdim=True)
+    flat_attributions = flat_attributions / torch.where(scale > 0, scale, 1)
     inside = (flat_attributions * flat_masks).sum(dim=1)
     return _nan_where_empty(inside / flat_attributions.sum(dim=1), flat_masks)
 
@@ -126,6 +131,8 @@ def mask_dice(masks: Tensor, targets: Tensor) -> Tensor:
 def _overlap(masks: Tensor, targets: Tensor) -> Tuple[Tensor, Tensor]:
     """Per sample: pixels inside both masks, and the sum of the two masks' sizes."""
     _check_same_shape(masks, targets, "masks", "targets")
+    check_finite(masks, "masks")
+    check_finite(targets, "targets")
     flat_masks, flat_targets = _flat_bool(masks), _flat_bool(targets)
     intersection = (flat_masks & flat_targets).sum(dim=1)
     return intersection, flat_masks.sum(dim=1) + flat_targets.sum(dim=1)
@@ -182,16 +189,33 @@ def roc_auc(scores: Tensor, labels: Tensor) -> float:
         >>> roc_auc(torch.tensor([0.1, 0.9, 0.4]), torch.tensor([0, 1, 1]))
         1.0
     """
+    _check_scores_and_labels(scores, labels)
+    positives, negatives = scores[labels == 1], scores[labels == 0]
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError(
+            "labels must hold at least one positive and one negative example (1 and 0)"
+        )
+    # Comparisons, not differences: these cannot overflow.
+    higher = positives[:, None] > negatives[None, :]
+    tied = positives[:, None] == negatives[None, :]
+    return (higher.double() + 0.5 * tied.double()).mean().item()
+
+
+def _check_scores_and_labels(scores: object, labels: object) -> None:
+    for name, tensor in (("scores", scores), ("labels", labels)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
+        if tensor.dtype.is_complex:
+            raise TypeError(f"{name} must hold real numbers, got {tensor.dtype}")
     if scores.dim() != 1 or scores.shape != labels.shape:
         raise ValueError(
             f"scores and labels must both have shape (N,), got {tuple(scores.shape)} "
             f"and {tuple(labels.shape)}"
         )
-    positives, negatives = scores[labels == 1], scores[labels == 0]
-    if len(positives) == 0 or len(negatives) == 0:
-        raise ValueError("roc_auc needs at least one positive and one negative label")
-    difference = positives[:, None] - negatives[None, :]
-    return ((difference > 0).double() + 0.5 * (difference == 0).double()).mean().item()
+    if labels.device != scores.device:
+        raise ValueError(f"labels is on {labels.device} but scores is on {scores.device}")
+    check_finite(scores, "scores")
+    check_values(lambda: (labels == 0) | (labels == 1), "labels must be bool or hold only 0 and 1")
 
 
 def _nan_where_empty(values: Tensor, flat_masks: Tensor) -> Tensor:
@@ -222,6 +246,8 @@ def _check_attributions_and_masks(attributions: object, masks: object) -> None:
             f"{getattr(attributions, 'dtype', type(attributions).__name__)}"
         )
     _check_same_shape(attributions, masks, "attributions", "masks")
+    check_finite(attributions, "attributions")
+    check_finite(masks, "masks")
 
 
 def _check_same_shape(first: object, second: object, first_name: str, second_name: str) -> None:
@@ -261,3 +287,5 @@ def _check_masks_and_regions(masks: object, regions: object) -> None:
         )
     if masks.device != regions.device:
         raise ValueError(f"regions is on {regions.device} but masks is on {masks.device}")
+    check_finite(masks, "masks")
+    check_finite(regions, "regions")

@@ -78,7 +78,7 @@ def refine_mask_checked_options(
     """``refine_mask`` for options already checked once (as in a loop); still
     raises ValueError for non-finite attributions."""
     compute_dtype = torch.promote_types(attributions.dtype, torch.float32)
-    saliency = attributions.to(compute_dtype).abs()
+    saliency = attributions.detach().to(compute_dtype).abs()  # a mask has no gradient
     if saliency.shape[1] > 1:  # a max over one channel still costs a full pass
         saliency = saliency.amax(dim=1, keepdim=True)
     if normalize == "p99":

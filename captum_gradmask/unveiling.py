@@ -1,6 +1,7 @@
 """Iterative unveiling: hide the region an attribution found and ask again."""
 
 import contextlib
+import math
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from captum_gradmask._compat import _format_output, _is_tuple, _run_forward, _select_targets
+from captum_gradmask._validation import check_finite, check_finite_results, check_model_device
 from captum_gradmask.refine import (
     box_mean,
     check_refine_options,
@@ -174,6 +176,8 @@ class IterativeUnveiling(Attribution):
             whatever mode it is in: put it in eval mode first.
         """
         image = _single_image(inputs)
+        check_model_device(self.forward_func, image)
+        check_finite(image, "inputs")
         _check_n_iter(n_iter)
         check_refine_options(kernel_size, n_passes, threshold, normalize, threshold_mode)
         n_examples = image.shape[0]
@@ -303,6 +307,7 @@ class IterativeUnveiling(Attribution):
                 f"the selection has shape {tuple(selected.shape)} for "
                 f"{inputs.shape[0]} examples"
             )
+        check_finite_results((selected,), "the target scores")
         return selected.reshape(-1)
 
 
@@ -402,6 +407,8 @@ def _baseline_tensor(baselines: object, image: Tensor, kernel_size: int) -> Tens
             return blurred / coverage
         raise ValueError(f'baselines as a string must be "mean" or "blur", got {baselines!r}')
     if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
+        if not math.isfinite(baselines):
+            raise ValueError(f"baselines must be finite, got {baselines}")
         return torch.tensor(baselines, device=image.device, dtype=image.dtype)
     if isinstance(baselines, Tensor):
         batch_shape, single_shape = image.shape, (1, *image.shape[1:])
@@ -415,6 +422,7 @@ def _baseline_tensor(baselines: object, image: Tensor, kernel_size: int) -> Tens
                 f"baselines must match inputs in dtype and device ({image.dtype}, "
                 f"{image.device}), got ({baselines.dtype}, {baselines.device})"
             )
+        check_finite(baselines, "baselines")
         return baselines.detach()
     raise TypeError(
         'baselines must be a number, a Tensor, "mean" or "blur", got '

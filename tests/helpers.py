@@ -1,9 +1,25 @@
 """Small models and references shared by the tests."""
 
 import copy
+import functools
+from typing import Callable, Dict, List, NamedTuple
 
 import torch
+from captum.attr import InputXGradient, IntegratedGradients, Saliency
 from torch import nn
+
+from captum_gradmask import (
+    ContrastSaliency,
+    GradMask,
+    IterativeUnveiling,
+    MCAttribution,
+    MCDropout,
+    differentiable,
+    gradmask_penalty,
+    predictive_uncertainty,
+    refine_mask,
+)
+from captum_gradmask import metrics
 
 
 def small_cnn(in_channels: int = 1, n_classes: int = 2, side: int = 6) -> nn.Module:
@@ -48,3 +64,179 @@ class ModelState:
         ] == self.hooks
         assert [p.requires_grad for p in self.model.parameters()] == self.param_flags
         assert [t.requires_grad for t in self.tensors] == self.tensor_flags
+
+
+# --- every public entry point that runs a model, on one tiny model -----------------
+
+SIDE = 5
+
+
+def tiny_dropout_cnn(batchnorm: bool = False) -> nn.Module:
+    """A 2-logit CNN on (N, 2, SIDE, SIDE) inputs with a dropout layer (so MCDropout
+    accepts it) and, if asked, BatchNorm; float64, in eval mode."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1),
+        nn.BatchNorm2d(2) if batchnorm else nn.Identity(),
+        nn.Tanh(),
+        nn.Dropout(0.25),
+        nn.Flatten(),
+        nn.Linear(2 * SIDE * SIDE, 2),
+    ).double().eval()
+
+
+class EntryPoint(NamedTuple):
+    """``call(model, inputs, mask, baselines)`` runs one public entry point; the
+    flags say which of ``mask`` and ``baselines`` it reads."""
+
+    call: Callable
+    uses_mask: bool = False
+    uses_baselines: bool = False
+
+
+def _gradmask_module(**options) -> EntryPoint:
+    return EntryPoint(lambda model, x, mask, baselines: GradMask(model, **options)(x, mask), True)
+
+
+def _gradmask_function(**options) -> EntryPoint:
+    return EntryPoint(lambda model, x, mask, baselines: gradmask_penalty(model, x, mask, **options), True)
+
+
+def _differentiable(method, **kwargs) -> EntryPoint:
+    return EntryPoint(
+        lambda model, x, mask, baselines: differentiable(method(model)).attribute(
+            x, target=1, **({"baselines": baselines} if "n_steps" in kwargs else {}), **kwargs
+        ),
+        uses_baselines="n_steps" in kwargs,
+    )
+
+
+def _unveiling(method_name: str) -> EntryPoint:
+    def call(model, x, mask, baselines):
+        unveiling = IterativeUnveiling(Saliency(model))
+        return getattr(unveiling, method_name)(
+            x, target=1, n_iter=2, kernel_size=3, baselines=baselines
+        )
+
+    return EntryPoint(call, uses_baselines=True)
+
+
+MODEL_ENTRY_POINTS = {
+    "ContrastSaliency": EntryPoint(
+        lambda model, x, mask, baselines: ContrastSaliency(model).attribute(x, target=1, contrast_target=0)
+    ),
+    "differentiable(Saliency)": _differentiable(Saliency, abs=False),
+    "differentiable(InputXGradient)": _differentiable(InputXGradient),
+    "differentiable(IntegratedGradients)": _differentiable(IntegratedGradients, n_steps=3),
+    "GradMask": _gradmask_module(),
+    "GradMask(finite_difference)": _gradmask_module(method="finite_difference"),
+    "gradmask_penalty(input_x_gradient)": _gradmask_function(saliency="input_x_gradient"),
+    "gradmask_penalty(finite_difference, input_x_gradient)": _gradmask_function(
+        method="finite_difference", saliency="input_x_gradient"
+    ),
+    "gradmask_penalty(expected_gradients)": _gradmask_function(saliency="expected_gradients"),
+    "gradmask_penalty(finite_difference, expected_gradients)": _gradmask_function(
+        method="finite_difference", saliency="expected_gradients"
+    ),
+    "IterativeUnveiling.attribute": _unveiling("attribute"),
+    "IterativeUnveiling.unveil": _unveiling("unveil"),
+    "MCDropout": EntryPoint(
+        lambda model, x, mask, baselines: MCDropout(model, n_samples=3)(x, mc_samples_batch_size=2)
+    ),
+    "MCDropout.uncertainty": EntryPoint(
+        lambda model, x, mask, baselines: MCDropout(model, n_samples=3).uncertainty(x)
+    ),
+    "MCAttribution(IntegratedGradients)": EntryPoint(
+        lambda model, x, mask, baselines: MCAttribution(
+            IntegratedGradients, MCDropout(model, n_samples=3)
+        ).attribute(x, target=1, baselines=baselines, n_steps=3, mc_samples_batch_size=2),
+        uses_baselines=True,
+    ),
+}
+
+
+def model_arguments(n: int = 2, device="cpu"):
+    """Inputs (n, 2, SIDE, SIDE), lesion mask (n, 1, SIDE, SIDE) and baselines for the
+    entry points, float64."""
+    generator = torch.Generator().manual_seed(n)
+    x = torch.rand(n, 2, SIDE, SIDE, generator=generator, dtype=torch.float64).to(device)
+    mask = torch.zeros_like(x[:, :1])
+    mask[..., 1:3, 1:3] = 1
+    return x, mask, torch.zeros_like(x)
+
+
+def result_tensors(result: object) -> List[torch.Tensor]:
+    """The tensors of a result: a Tensor, a number, or a (named) tuple of them, flattened."""
+    if isinstance(result, torch.Tensor):
+        return [result]
+    if isinstance(result, float):
+        return [torch.tensor(result)]
+    return [t for item in result for t in result_tensors(item)]
+
+
+# --- every public entry point that takes tensors only -------------------------------
+
+
+def _maps(n: int, channels: int = 1) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(n)
+    return torch.rand(n, channels, SIDE, SIDE, generator=generator, dtype=torch.float64) + 0.1
+
+
+def _lesions(n: int) -> torch.Tensor:
+    """Float masks (n, 1, SIDE, SIDE), a 2x2 square inside; one pixel moves per example."""
+    masks = torch.zeros(n, 1, SIDE, SIDE, dtype=torch.float64)
+    masks[..., 1:3, 1:3] = 1
+    masks[torch.arange(n), 0, -1, torch.arange(n) % SIDE] = 1
+    return masks
+
+
+def _probabilities(n: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(n)
+    logits = torch.randn(3, n, 2, SIDE, generator=generator, dtype=torch.float64)
+    return logits.softmax(dim=2)
+
+
+class FunctionEntryPoint(NamedTuple):
+    """``call(**arguments(n))`` runs one public function on a batch of n examples;
+    the argument names are the function's own parameter names."""
+
+    call: Callable
+    arguments: Callable[[int], Dict[str, torch.Tensor]]
+
+
+def _attributions_and_masks(n: int) -> Dict[str, torch.Tensor]:
+    return {"attributions": _maps(n), "masks": _lesions(n)}
+
+
+def _two_masks(n: int) -> Dict[str, torch.Tensor]:
+    return {"masks": _maps(n).round(), "targets": _lesions(n)}
+
+
+FUNCTION_ENTRY_POINTS = {
+    "refine_mask": FunctionEntryPoint(
+        functools.partial(refine_mask, kernel_size=3), lambda n: {"attributions": _maps(n, 2)}
+    ),
+    "pointing_game": FunctionEntryPoint(metrics.pointing_game, _attributions_and_masks),
+    "pointing_game(tolerance)": FunctionEntryPoint(
+        functools.partial(metrics.pointing_game, tolerance=1.5), _attributions_and_masks
+    ),
+    "relevance_mass_accuracy": FunctionEntryPoint(
+        metrics.relevance_mass_accuracy, _attributions_and_masks
+    ),
+    "relevance_rank_accuracy": FunctionEntryPoint(
+        metrics.relevance_rank_accuracy, _attributions_and_masks
+    ),
+    "mask_iou": FunctionEntryPoint(metrics.mask_iou, _two_masks),
+    "mask_dice": FunctionEntryPoint(metrics.mask_dice, _two_masks),
+    "region_recall": FunctionEntryPoint(
+        metrics.region_recall,
+        lambda n: {"masks": _maps(n)[:, None].round(), "regions": _lesions(n)[:, None]},
+    ),
+    "roc_auc": FunctionEntryPoint(
+        metrics.roc_auc,
+        lambda n: {"scores": _maps(n).flatten()[: 2 * n], "labels": torch.arange(2 * n) % 2},
+    ),
+    "predictive_uncertainty": FunctionEntryPoint(
+        predictive_uncertainty, lambda n: {"probs": _probabilities(n)}
+    ),
+}
