@@ -199,6 +199,32 @@ def check_targets_in_range(
             )
 
 
+def check_target_in_range(target: object, output_shape: Tuple[int, ...], name: str = "target") -> None:
+    """Raise a ``ValueError`` naming ``name`` if ``target``, in any form Captum accepts,
+    selects no element of a model output of ``output_shape`` (N, ...), where Captum
+    would raise an IndexError from deep inside. A Tensor target indexes dimension 1;
+    its values are read by ``check_values``."""
+    if target is None:
+        return
+    if not isinstance(target, Tensor):
+        targets = per_example_targets(target, output_shape[0], name)
+        check_targets_in_range(targets, torch.Size(output_shape), name)
+        return
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer Tensor, got {target.dtype}")
+    if len(output_shape) < 2:
+        raise ValueError(
+            f"{name} selects along dimension 1, but the model output has shape "
+            f"{tuple(output_shape)}; pass target=None"
+        )
+    n_classes = output_shape[1]
+    check_values(
+        lambda: (target >= 0) & (target < n_classes),
+        f"{name} holds indices outside [0, {n_classes}) for the model output of shape "
+        f"{tuple(output_shape)}",
+    )
+
+
 def select_targets(output: Tensor, targets: List[IndexTuple]) -> Tensor:
     """Pick ``output[b, *targets[b]]`` for every example b, as a 1-D tensor."""
     index = torch.tensor(targets, device=output.device, dtype=torch.long)

@@ -29,6 +29,7 @@ from captum_gradmask._validation import (
     check_baselines,
     check_finite_results,
     check_float_inputs,
+    check_target_in_range,
     check_values,
 )
 
@@ -345,8 +346,12 @@ class MCAttribution(Attribution):
         forward_args = _format_additional_forward_args(additional_forward_args) or ()
         inputs_tuple = tuple(x.detach() for x in inputs_tuple)  # caller's graph untouched
 
+        def check_target_on_outputs(module, args, outputs) -> None:
+            check_target_in_range(target, (batch_size, *outputs.shape[1:]))
+
         chunks = []
-        with self.mc_model._fixed_masks():
+        target_check = self.forward_func.register_forward_hook(check_target_on_outputs)
+        with self.mc_model._fixed_masks(), target_check:  # the handle removes the hook
             for samples in self.mc_model._sample_chunks(samples_per_pass, inputs_tuple[0].device):
                 attributions = self._attribute_samples(
                     samples, inputs_tuple, is_inputs_tuple, target, forward_args, kwargs

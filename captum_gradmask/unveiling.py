@@ -11,7 +11,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from captum_gradmask._compat import _format_output, _is_tuple, _run_forward, _select_targets
-from captum_gradmask._validation import check_finite, check_finite_results, check_model_device
+from captum_gradmask._validation import (
+    check_finite,
+    check_finite_results,
+    check_model_device,
+    check_target_in_range,
+)
 from captum_gradmask.refine import (
     box_mean,
     check_refine_options,
@@ -300,6 +305,7 @@ class IterativeUnveiling(Attribution):
         if outputs is None:
             with torch.no_grad():
                 outputs = _run_forward(self.forward_func, inputs, None, additional_forward_args)
+        check_target_in_range(target, outputs.shape)
         selected = _select_targets(outputs, target)
         if selected.numel() != inputs.shape[0]:
             raise ValueError(
