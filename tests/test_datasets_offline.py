@@ -15,7 +15,13 @@ import torch.nn as nn
 from captum_gradmask.datasets._common import import_optional
 from captum_gradmask.datasets.brain_slices import brain_slices
 from captum_gradmask.datasets.crosses import crosses
-from captum_gradmask.datasets.decoy_digits import BINARY_CLASSES, decoy_digits, swatch_shades
+from captum_gradmask.datasets.decoy_digits import (
+    BINARY_CLASSES,
+    DECOY_PAIR,
+    DECOY_SWATCH,
+    decoy_digits,
+    swatch_shades,
+)
 
 pytest.importorskip("sklearn")
 pytest.importorskip("nilearn")
@@ -114,6 +120,26 @@ def test_decoy_digits_mask_is_everything_but_the_corner_swatch():
     swatch_values = data.images[swatch].view(-1, 4)
     assert torch.allclose(swatch_values, shades[:, None].expand(-1, 4))
     assert data.images.min() >= 0 and data.images.max() <= 1
+
+
+def test_decoy_digits_swatch_size_option():
+    data = decoy_digits(50, "train", classes=DECOY_PAIR, swatch_size=DECOY_SWATCH, seed=2)
+    swatch = data.masks == 0
+    assert (swatch.sum(dim=(1, 2, 3)) == DECOY_SWATCH**2).all()
+    corners = swatch[..., [0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners.sum(dim=(1, 2)) == 1).all()
+    default = decoy_digits(50, "train", classes=DECOY_PAIR, seed=2)
+    assert torch.equal(default.labels, data.labels)  # same digits, only the swatch grows
+    assert torch.equal(default.decoy_labels, data.decoy_labels)
+    for bad in (0, 9, 2.0):
+        with pytest.raises(ValueError, match="swatch_size"):
+            decoy_digits(4, swatch_size=bad)
+
+
+def test_decoy_digits_pair_learnable_without_the_decoy():
+    clean = decoy_digits(None, "train", classes=DECOY_PAIR, swatch_size=DECOY_SWATCH, confound=0.0)
+    test = decoy_digits(None, "test", classes=DECOY_PAIR, swatch_size=DECOY_SWATCH)
+    assert _auc_of_trained_logistic(clean, test) > 0.9
 
 
 def test_decoy_digits_learnable_without_the_decoy():

@@ -28,6 +28,15 @@ the confound and 0.69 trained with it (``confound=0.9``, bias field); with
 ``lesion_contrast=0.8`` the lesion is easy enough that the confound no longer
 hurts (0.999). A CNN ending in a dense layer over the whole image learns the
 artifact alone (test AUC about 0.5 at 64 and 128 images, with either artifact).
+
+Which artifact a saliency penalty can remove: the zipper lies outside every
+lesion, so a GradMask penalty on everything but the lesion sees all of it; the
+bias field also scales the lesion, where the penalty does not look. Measured with
+the protocol of ``examples/reproduce_table.py`` (the CNN with max pooling, 150
+steps, 20 seeds): with the zipper the baseline's test AUC is 0.52 at 64 and at
+128 images (it reads the zipper alone) and GradMask ``contrast`` sq_l2 reaches
+0.72 and 0.71 (Wilcoxon p = 1.9e-06); with the bias field (12 seeds) the
+baseline is at 0.62 and 0.68 and GradMask moves it by +0.02 and -0.05.
 """
 
 from functools import lru_cache

@@ -18,14 +18,23 @@ Choices:
 - Shades are spread over the paper's range by label index: with K classes, class
   k gets ``(255 - 25 * 9 * k / (K - 1)) / 255``, exactly the paper's for the ten
   digits, and 1.0 vs 0.12 for a binary task.
-- The binary task is digits 0-4 vs 5-9 (``BINARY_CLASSES``). A pair of digits is
-  too easy on these clean 8x8 images: a model trained with the decoy still reads
-  the digit (measured: about 0.96 test accuracy for 3 vs 8, 1.0 for 4 vs 9). With
-  five digits per class the decoy is the simpler rule, and a small CNN or a
-  logistic regression trained on the whole confounded train pool (1,078 images)
-  scores 0.49 test accuracy, as the paper's Decoy MNIST baseline (0.52); 0.60 with
-  128 training images, 0.68 with 64. Trained without the decoy, the CNN scores
-  0.97, 0.87 and 0.80 (mean of 3 seeds).
+- Two binary tasks. ``BINARY_CLASSES`` (digits 0-4 vs 5-9) is hard on 64 to 128
+  images: trained without the decoy the CNN of ``examples/reproduce_table.py``
+  scores only 0.78 test accuracy at 64 images and 0.86 at 128 (1,078 images:
+  0.97), so no method can reach Ross et al.'s 0.96 there. A pair of digits is
+  easy, but with the default swatch (one original pixel) the CNN reads the digit
+  and ignores the decoy (measured, 64 images, 3 seeds: test accuracy 1.00 with
+  the decoy for 0 vs 1, 0 vs 7 and 6 vs 7, 0.99 for 3 vs 8). ``DECOY_PAIR``
+  (1 vs 8) with ``swatch_size=DECOY_SWATCH`` (4 pixels at 16x16: one 2x2 block
+  of the original 8x8 pixels) is the setting where both hold: trained without
+  the decoy the CNN scores 0.94 (64 images, 9 seeds) and 0.97 (128, 3 seeds),
+  trained with it 0.64 and 0.61 (20 seeds; the paper's Decoy MNIST baseline:
+  0.52), and with GradMask ``contrast`` 0.96 and 0.97 (Ross et al.'s RRR: 0.96).
+  It was picked among 17 pairs and groupings and swatch sides 2, 4 and 5 on
+  those two numbers alone (a clean ceiling near 0.95, the lowest decoyed
+  baseline; pilot seeds 0-8), never on a GradMask score. The 4x4 swatch covers
+  6.3% of the image (Ross et al.: 2.0%); a 5x5 one brings the baseline to 0.48
+  (3 seeds) but hides more of the digit.
 - The mask (GradMask's ``mask``, 1 = right reason) is 1 everywhere except the
   swatch: the same annotation Ross et al. give their own method, so GradMask and
   "Right for the Right Reasons" see the same information.
@@ -54,6 +63,8 @@ from ._common import (
 POOL_FRACTIONS = {"train": 0.6, "valid": 0.2, "test": 0.2}
 POOL_SEED = 2017  #: fixes the train / valid / test pools of the 1,797 digits
 BINARY_CLASSES = ((0, 1, 2, 3, 4), (5, 6, 7, 8, 9))  #: the binary task: label 1 for 5-9
+DECOY_PAIR = (1, 8)  #: the binary task where the decoy dominates yet the digit is learnable
+DECOY_SWATCH = 4  #: ``swatch_size`` for ``DECOY_PAIR`` at size 16 (a 2x2 block of 8x8 pixels)
 
 
 class DecoyDigits(NamedTuple):
@@ -69,6 +80,7 @@ def decoy_digits(
     classes: Sequence[Union[int, Sequence[int]]] = tuple(range(10)),
     confound: Optional[float] = None,
     size: int = 16,
+    swatch_size: Optional[int] = None,
     seed: int = 0,
     device: Union[str, torch.device] = "cpu",
     dtype: torch.dtype = torch.float32,
@@ -90,6 +102,8 @@ def decoy_digits(
             uniformly. Default: 1.0 for "train" (the paper), 0.0 for "valid" and
             "test" (the swatch is independent of the label).
         size (int): side of the images, a multiple of 8. Default: 16
+        swatch_size (int, optional): side of the square swatch in pixels, at most
+            ``size // 2``. Default: ``size // 8`` (one pixel of the 8x8 digit)
         seed (int): picks the digits and draws the swatches. Default: 0
         device (str or torch.device): where the tensors are returned. Default: "cpu"
         dtype (torch.dtype): floating-point dtype of ``images`` and ``masks``.
@@ -109,7 +123,7 @@ def decoy_digits(
         (torch.Size([128, 1, 16, 16]), True)
     """
     classes = tuple(_as_group(entry) for entry in classes)
-    _check_arguments(n_samples, classes, size)
+    _check_arguments(n_samples, classes, size, swatch_size)
     confound = resolve_confound(confound, split, train=1.0, held_out=0.0)
     digits, labels = _pool(split, classes)
     if n_samples is not None and n_samples > len(labels):
@@ -119,7 +133,8 @@ def decoy_digits(
     digits, labels = digits[chosen], labels[chosen]
     images = resize(digits, size)
     decoy_labels = _decoy_labels(labels, len(classes), confound, generator)
-    swatches = _random_corner_squares(len(labels), size, size // 8, generator)
+    side = size // 8 if swatch_size is None else swatch_size
+    swatches = _random_corner_squares(len(labels), size, side, generator)
     shades = swatch_shades(len(classes))[decoy_labels].view(-1, 1, 1, 1)
     images = torch.where(swatches, shades, images)
     return DecoyDigits(
@@ -196,7 +211,7 @@ def _as_group(entry: Union[int, Sequence[int]]) -> Tuple[int, ...]:
     return (entry,) if isinstance(entry, Integral) else tuple(entry)
 
 
-def _check_arguments(n_samples, classes, size):
+def _check_arguments(n_samples, classes, size, swatch_size):
     if n_samples is not None:
         check_count("n_samples", n_samples)
     digits = [digit for group in classes for digit in group]
@@ -208,3 +223,7 @@ def _check_arguments(n_samples, classes, size):
     check_count("size", size, minimum=8)
     if size % 8:
         raise ValueError(f"size must be a multiple of 8, got {size!r}")
+    if swatch_size is not None:
+        check_count("swatch_size", swatch_size)
+        if swatch_size > size // 2:
+            raise ValueError(f"swatch_size must be at most size // 2 = {size // 2}, got {swatch_size!r}")
