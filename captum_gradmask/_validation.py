@@ -52,6 +52,16 @@ def check_finite(tensor: Tensor, name: str) -> None:
     check_values(lambda: torch.isfinite(tensor), f"{name} holds NaN or Inf; expected finite values")
 
 
+def check_batch_size(batch_size: object, name: str, total: int) -> int:
+    """The number of samples per pass from a ``*_batch_size`` argument: ``total``
+    for None, else an int >= 1."""
+    if batch_size is None:
+        return total
+    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise ValueError(f"{name} must be None or an int >= 1, got {batch_size!r}")
+    return batch_size
+
+
 def check_float_inputs(
     inputs: object, name: str = "inputs", forward_func: object = None
 ) -> Tuple[Tensor, ...]:

@@ -27,6 +27,7 @@ from captum_gradmask._compat import (
 from captum_gradmask._state import preserved_training_modes
 from captum_gradmask._validation import (
     check_baselines,
+    check_batch_size,
     check_finite_results,
     check_float_inputs,
     check_target_in_range,
@@ -145,7 +146,9 @@ class MCDropout(nn.Module):
             Tensor: outputs of the T sub-networks stacked, shape (T, N, ...).
         """
         inputs_tuple = check_float_inputs(inputs, forward_func=self.model)
-        samples_per_pass = _check_samples_batch_size(mc_samples_batch_size, self.n_samples)
+        samples_per_pass = check_batch_size(
+            mc_samples_batch_size, "mc_samples_batch_size", self.n_samples
+        )
         batch_size = inputs_tuple[0].shape[0]
         outputs = []
         with self._fixed_masks():
@@ -342,7 +345,9 @@ class MCAttribution(Attribution):
         _check_target(target, batch_size)
         if kwargs.get("return_convergence_delta"):
             raise ValueError("return_convergence_delta=True is not supported by MCAttribution")
-        samples_per_pass = _check_samples_batch_size(mc_samples_batch_size, self.mc_model.n_samples)
+        samples_per_pass = check_batch_size(
+            mc_samples_batch_size, "mc_samples_batch_size", self.mc_model.n_samples
+        )
         forward_args = _format_additional_forward_args(additional_forward_args) or ()
         inputs_tuple = tuple(x.detach() for x in inputs_tuple)  # caller's graph untouched
 
@@ -514,16 +519,6 @@ def _check_probabilities(probs: object) -> None:
         "probs must be non-negative and sum to 1 over the class dimension 2 (within "
         f"{tolerance:g}). Pass probabilities, not logits",
     )
-
-
-def _check_samples_batch_size(mc_samples_batch_size: object, n_samples: int) -> int:
-    if mc_samples_batch_size is None:
-        return n_samples
-    if not _is_int(mc_samples_batch_size) or mc_samples_batch_size < 1:
-        raise ValueError(
-            f"mc_samples_batch_size must be None or an int >= 1, got {mc_samples_batch_size!r}"
-        )
-    return mc_samples_batch_size
 
 
 def _check_target(target: object, batch_size: int) -> None:

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from captum_gradmask._compat import _format_output, _is_tuple, _run_forward, _select_targets
 from captum_gradmask._validation import (
+    check_batch_size,
     check_finite,
     check_finite_results,
     check_model_device,
@@ -186,7 +187,7 @@ class IterativeUnveiling(Attribution):
         _check_n_iter(n_iter)
         check_refine_options(kernel_size, n_passes, threshold, normalize, threshold_mode)
         n_examples = image.shape[0]
-        chunk_size = _check_examples_batch_size(examples_batch_size, n_examples)
+        chunk_size = check_batch_size(examples_batch_size, "examples_batch_size", n_examples)
         baseline = _baseline_tensor(baselines, image, kernel_size)
         refine_options = (kernel_size, n_passes, threshold, normalize, threshold_mode)
 
@@ -383,16 +384,6 @@ def _single_image(inputs: object) -> Tensor:
             f"spatial dimensions, got shape {tuple(inputs.shape)}"
         )
     return inputs
-
-
-def _check_examples_batch_size(examples_batch_size: object, n_examples: int) -> int:
-    if examples_batch_size is None:
-        return n_examples
-    if not isinstance(examples_batch_size, int) or isinstance(examples_batch_size, bool):
-        raise TypeError(f"examples_batch_size must be None or an int, got {examples_batch_size!r}")
-    if examples_batch_size < 1:
-        raise ValueError(f"examples_batch_size must be >= 1, got {examples_batch_size}")
-    return examples_batch_size
 
 
 def _check_n_iter(n_iter: object) -> None:
