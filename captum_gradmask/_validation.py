@@ -40,6 +40,11 @@ def value_checks(enabled: bool) -> Iterator[None]:
         _value_checks_enabled = previous
 
 
+def is_int(value: object) -> bool:
+    """An int that is not a bool (``True`` is an int to Python, not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def check_values(values_ok: Callable[[], Tensor], message: str) -> None:
     """Raise ``ValueError(message)`` unless every element of ``values_ok()`` is true;
     skipped, without computing ``values_ok()``, inside ``value_checks(False)``."""
@@ -57,7 +62,7 @@ def check_batch_size(batch_size: object, name: str, total: int) -> int:
     for None, else an int >= 1."""
     if batch_size is None:
         return total
-    if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+    if not is_int(batch_size) or batch_size < 1:
         raise ValueError(f"{name} must be None or an int >= 1, got {batch_size!r}")
     return batch_size
 
@@ -150,11 +155,9 @@ def check_finite_results(results: Tuple[Tensor, ...], name: str) -> None:
 
 
 def _as_index_tuple(value: object, name: str) -> IndexTuple:
-    if isinstance(value, int) and not isinstance(value, bool):
+    if is_int(value):
         return (value,)
-    if isinstance(value, tuple) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
+    if isinstance(value, tuple) and all(is_int(v) for v in value):
         return value
     raise TypeError(
         f"{name} entries must be ints or tuples of ints, got {value!r}"

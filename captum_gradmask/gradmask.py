@@ -27,6 +27,7 @@ from captum_gradmask._validation import (
     check_finite_results,
     check_float_inputs,
     check_values,
+    is_int,
 )
 
 VARIANTS = ("contrast", "class", "target", "rrr")
@@ -319,7 +320,7 @@ def _target_index(
             "variant='target' needs per-example labels: pass target as a Tensor or "
             f"list of {batch_size} class indices, got {target!r}"
         )
-    if isinstance(target, int) and not isinstance(target, bool):
+    if is_int(target):
         if not 0 <= target < n_classes:
             raise ValueError(f"target must be in [0, {n_classes}), got {target}")
         return torch.full((batch_size,), target, dtype=torch.long, device=device)
@@ -513,7 +514,7 @@ def _check_options(variant, saliency, norm, reduction, method, dilate) -> None:
     ]:
         if value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    if not isinstance(dilate, int) or isinstance(dilate, bool) or dilate < 0:
+    if not is_int(dilate) or dilate < 0:
         raise ValueError(f"dilate must be an int >= 0, got {dilate!r}")
 
 

@@ -32,6 +32,7 @@ from captum_gradmask._validation import (
     check_float_inputs,
     check_target_in_range,
     check_values,
+    is_int,
 )
 
 # Input dimensions (batch included) of the channel-wise layers; nn.Dropout masks every
@@ -117,9 +118,9 @@ class MCDropout(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not _is_int(n_samples) or n_samples < 1:
+        if not is_int(n_samples) or n_samples < 1:
             raise ValueError(f"n_samples must be an int >= 1, got {n_samples!r}")
-        if not _is_int(seed):
+        if not is_int(seed):
             raise TypeError(f"seed must be an int, got {type(seed).__name__}")
         self.model = model
         self.n_samples = n_samples
@@ -551,7 +552,3 @@ def _repeat_batch(value: object, copies: int, batch_size: int) -> object:
     if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
         return value.repeat(copies, *([1] * (value.dim() - 1)))
     return value
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from captum_gradmask._validation import check_values
+from captum_gradmask._validation import check_values, is_int
 
 _NORMALIZATIONS = ("max", "p99")
 _THRESHOLD_MODES = ("value", "quantile")
@@ -175,11 +175,11 @@ def check_refine_options(
     threshold_mode: object,
 ) -> None:
     """Check the refinement options of ``refine_mask``."""
-    if not _is_int(kernel_size):
+    if not is_int(kernel_size):
         raise TypeError(f"kernel_size must be an int, got {kernel_size!r}")
     if kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size}")
-    if not _is_int(n_passes):
+    if not is_int(n_passes):
         raise TypeError(f"n_passes must be an int, got {n_passes!r}")
     if n_passes < 0:
         raise ValueError(f"n_passes must be >= 0, got {n_passes}")
@@ -193,7 +193,3 @@ def check_refine_options(
         raise ValueError(
             f"threshold_mode must be one of {_THRESHOLD_MODES}, got {threshold_mode!r}"
         )
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from captum_gradmask._validation import is_int
+
 SPLITS = ("train", "valid", "test")
 
 
@@ -64,5 +66,5 @@ def check_split(split: object) -> None:
 
 
 def check_count(name: str, value: object, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")

@@ -23,7 +23,7 @@ from typing import NamedTuple, Union
 import torch
 from torch import Tensor
 
-from ._common import artifact_draws
+from ._common import artifact_draws, check_count
 
 ARTIFACTS = ("spot", "marker")
 SPOT_PEAK = 1.0  #: peak intensity added by the spot
@@ -166,14 +166,12 @@ def _lesions(labels, size, contrast, radius, generator):
 
 
 def _check_arguments(n_images, artifact, confound, size, lesion_contrast, lesion_radius, noise_std):
-    if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 1:
-        raise ValueError(f"n_images must be an int >= 1, got {n_images!r}")
+    check_count("n_images", n_images)
     if artifact not in ARTIFACTS:
         raise ValueError(f"artifact must be one of {ARTIFACTS}, got {artifact!r}")
     if not 0.0 <= confound <= 1.0:
         raise ValueError(f"confound must be in [0, 1], got {confound!r}")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 16:
-        raise ValueError(f"size must be an int >= 16, got {size!r}")
+    check_count("size", size, minimum=16)
     if not lesion_contrast >= 0:
         raise ValueError(f"lesion_contrast must be >= 0, got {lesion_contrast!r}")
     if not 0 < lesion_radius <= size / 8:

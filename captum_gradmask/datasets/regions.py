@@ -14,6 +14,8 @@ from typing import NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
+from ._common import check_count
+
 
 class RegionImages(NamedTuple):
     images: Tensor  #: (N, 1, size, size) float: blobs plus Gaussian noise
@@ -95,10 +97,8 @@ def multi_region_images(
 def _check_arguments(
     n_images: object, size: object, n_regions: int, radius: float, noise_std: float, cell: float
 ) -> None:
-    if not isinstance(n_images, int) or isinstance(n_images, bool) or n_images < 1:
-        raise ValueError(f"n_images must be an int >= 1, got {n_images!r}")
-    if not isinstance(size, int) or isinstance(size, bool) or size < 8:
-        raise ValueError(f"size must be an int >= 8, got {size!r}")
+    check_count("n_images", n_images)
+    check_count("size", size, minimum=8)
     if n_regions < 1:
         raise ValueError("strengths must hold at least one value")
     if not radius > 0 or cell < 6 * radius:
