@@ -26,6 +26,7 @@ assertion) and never a silent NaN or Inf.
 
 import math
 import re
+from typing import Callable, Dict, NamedTuple, Tuple
 
 import pytest
 import torch
@@ -102,78 +103,122 @@ def assert_same_results(result, reference) -> None:
         torch.testing.assert_close(ours, theirs)
 
 
-# --- entry points that run a model ---------------------------------------------------
+# --- every public entry point, driven the same way ----------------------------------
 
-ARGUMENT_NAMES = ("inputs", "mask", "baselines")
+ARGUMENT_NAMES = ("inputs", "mask", "baselines")  # of the entry points that run a model
 
 
-def model_cases():
-    """(entry point, argument) pairs for the arguments each entry point reads."""
+class Entry(NamedTuple):
+    """One public entry point as these tests drive it."""
+
+    arguments: Callable[[int], Dict[str, torch.Tensor]]  # its tensors for a batch of n
+    call: Callable[[Dict[str, torch.Tensor], str], object]  # (tensors, device) -> result
+    reads: Tuple[str, ...]  # the arguments it reads, which an error may blame
+    runs_model: bool  # the model's parameters fix the device
+
+
+def _model_entry(entry) -> Entry:
+    def call(arguments, device):
+        model = tiny_dropout_cnn().to(device)
+        torch.manual_seed(0)  # expected gradients draws its path points
+        return entry.call(model, *arguments.values())
+
+    used = (True, entry.uses_mask, entry.uses_baselines)
+    return Entry(
+        arguments=lambda n: dict(zip(ARGUMENT_NAMES, model_arguments(n))),
+        call=call,
+        reads=tuple(name for name, read in zip(ARGUMENT_NAMES, used) if read),
+        runs_model=True,
+    )
+
+
+def _function_entry(entry) -> Entry:
+    return Entry(entry.arguments, lambda arguments, device: entry.call(**arguments),
+                 tuple(entry.arguments(1)), runs_model=False)
+
+
+ENTRIES = {
+    **{name: _model_entry(entry) for name, entry in MODEL_ENTRY_POINTS.items()},
+    **{name: _function_entry(entry) for name, entry in FUNCTION_ENTRY_POINTS.items()},
+}
+
+
+def run_entry(name, changes=None, device="cpu", n=2):
+    """Run an entry point on its tensors for a batch of n, some of them changed."""
+    entry = ENTRIES[name]
+    arguments = {key: value.to(device) for key, value in entry.arguments(n).items()}
+    for argument, change in (changes or {}).items():
+        arguments[argument] = change(arguments[argument])
+    return entry.call(arguments, device)
+
+
+def argument_cases(float_only=False):
+    """(entry point, argument) pairs for the arguments each entry point reads
+    (floating-point ones only if ``float_only``)."""
     return [
         (name, argument)
-        for name, entry in MODEL_ENTRY_POINTS.items()
-        for argument, used in zip(ARGUMENT_NAMES, (True, entry.uses_mask, entry.uses_baselines))
-        if used
+        for name, entry in ENTRIES.items()
+        for argument in entry.reads
+        if not float_only or entry.arguments(1)[argument].dtype.is_floating_point
     ]
 
 
-def run_model_entry(name, changes=None, device="cpu", n=2, model=None):
-    """Run an entry point on the tiny model and arguments, some of them changed."""
-    arguments = dict(zip(ARGUMENT_NAMES, model_arguments(n, device)))
-    for argument, change in (changes or {}).items():
-        arguments[argument] = change(arguments[argument])
-    model = (model or tiny_dropout_cnn()).to(device)
-    torch.manual_seed(0)  # expected gradients draws its path points
-    return MODEL_ENTRY_POINTS[name].call(model, *arguments.values())
+def change_all(name, change):
+    return {argument: change for argument in ENTRIES[name].reads}
 
 
 @settings(max_examples=15)
-@given(value=NON_FINITE, position=st.integers(0, 99))
-@pytest.mark.parametrize("name, argument", model_cases())
-def test_model_entry_non_finite_value_raises(name, argument, value, position, device):
+@given(value=NON_FINITE, position=st.integers(0, 99), n=st.integers(1, 3))
+@pytest.mark.parametrize("name, argument", argument_cases(float_only=True))
+def test_non_finite_value_raises(name, argument, value, position, n, device):
     assert_raises_naming(
-        lambda: run_model_entry(name, {argument: lambda t: with_one_value(t, position, value)}, device),
+        lambda: run_entry(name, {argument: lambda t: with_one_value(t, position, value)}, device, n),
         [argument],
     )
 
 
-@pytest.mark.parametrize("name", MODEL_ENTRY_POINTS)
-def test_model_entry_empty_batch_raises(name, device):
-    empty = {argument: lambda t: t[:0] for argument in ARGUMENT_NAMES}
-    assert_raises_naming(lambda: run_model_entry(name, empty, device), ["inputs"])
+@pytest.mark.parametrize("name", ENTRIES)
+def test_empty_batch_raises(name, device):
+    empty = change_all(name, lambda t: t[:0])
+    assert_raises_naming(lambda: run_entry(name, empty, device), ENTRIES[name].reads)
 
 
-@pytest.mark.parametrize("name", MODEL_ENTRY_POINTS)
-def test_model_entry_zero_size_spatial_dimension_raises(name, device):
-    no_width = {argument: lambda t: t[..., :0] for argument in ARGUMENT_NAMES}
-    assert_raises_naming(lambda: run_model_entry(name, no_width, device), ["inputs"])
+@pytest.mark.parametrize(
+    "name", [n for n, e in ENTRIES.items() if all(t.dim() > 2 for t in e.arguments(1).values())]
+)
+def test_zero_size_spatial_dimension_raises(name, device):
+    no_width = change_all(name, lambda t: t[..., :0])
+    assert_raises_naming(lambda: run_entry(name, no_width, device), ENTRIES[name].reads)
 
 
 @pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
-@pytest.mark.parametrize("name, argument", model_cases())
-def test_model_entry_other_dtype_works_or_raises(name, argument, dtype, device):
-    reference = run_model_entry(name, device=device)
+@pytest.mark.parametrize("name, argument", argument_cases())
+def test_other_dtype_works_or_raises(name, argument, dtype, device):
+    reference = run_entry(name, device=device)
     assert_works_or_names(
-        lambda: run_model_entry(name, {argument: lambda t: t.round().to(dtype)}, device),
+        lambda: run_entry(name, {argument: lambda t: t.round().to(dtype)}, device),
         [argument],
         reference,
     )
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", MODEL_ENTRY_POINTS)
-def test_model_entry_layout_does_not_change_results(name, layout, device):
-    reference = run_model_entry(name, device=device)
-    changes = {argument: LAYOUTS[layout] for argument in ARGUMENT_NAMES}
-    assert_same_results(run_model_entry(name, changes, device), reference)
+@pytest.mark.parametrize("name", ENTRIES)
+def test_layout_does_not_change_results(name, layout, device):
+    reference = run_entry(name, device=device)
+    assert_same_results(run_entry(name, change_all(name, LAYOUTS[layout]), device), reference)
 
 
-@pytest.mark.parametrize("name, argument", model_cases())
-def test_model_entry_tensor_on_other_device_raises(name, argument, device):
+@pytest.mark.parametrize(
+    "name, argument",
+    [(n, a) for n, a in argument_cases() if ENTRIES[n].runs_model or len(ENTRIES[n].reads) > 1],
+)
+def test_tensor_on_other_device_raises(name, argument, device):
+    """Against a model's parameters the moved argument is to blame; between two
+    tensors, either."""
     other = other_device(device)
-    assert_raises_naming(
-        lambda: run_model_entry(name, {argument: lambda t: t.to(other)}, device), [argument]
-    )
+    blamed = [argument] if ENTRIES[name].runs_model else ENTRIES[name].reads
+    assert_raises_naming(lambda: run_entry(name, {argument: lambda t: t.to(other)}, device), blamed)
 
 
 def linear_model() -> torch.nn.Module:
@@ -184,109 +229,37 @@ def linear_model() -> torch.nn.Module:
     ).double().eval()
 
 
+def huge_values(value, position, everywhere):
+    def change(t):
+        return torch.full_like(t, value) if everywhere else with_one_value(t, position, value)
+
+    return change
+
+
 @settings(max_examples=10)
 @given(value=HUGE, position=st.integers(0, 99), everywhere=st.booleans())
 @pytest.mark.parametrize("make_model", [tiny_dropout_cnn, linear_model], ids=["tanh_cnn", "linear"])
 @pytest.mark.parametrize("name", MODEL_ENTRY_POINTS)
 def test_model_entry_huge_inputs_work_or_raise(name, make_model, value, position, everywhere, device):
-    def huge(t):
-        return torch.full_like(t, value) if everywhere else with_one_value(t, position, value)
+    x, mask, baselines = model_arguments(2, device)
+    huge = huge_values(value, position, everywhere)(x)
 
-    assert_works_or_names(
-        lambda: run_model_entry(name, {"inputs": huge}, device, model=make_model()), ["inputs"]
-    )
+    def call():
+        model = make_model().to(device)
+        torch.manual_seed(0)  # expected gradients draws its path points
+        return MODEL_ENTRY_POINTS[name].call(model, huge, mask, baselines)
 
-
-# --- entry points that take tensors only --------------------------------------------
-
-
-def function_cases(float_only=False):
-    """(entry point, argument) pairs, for every tensor argument (floating-point ones
-    only if ``float_only``)."""
-    return [
-        (name, argument)
-        for name, entry in FUNCTION_ENTRY_POINTS.items()
-        for argument, tensor in entry.arguments(2).items()
-        if tensor.dtype.is_floating_point or not float_only
-    ]
-
-
-def run_function_entry(name, changes=None, device="cpu", n=2):
-    entry = FUNCTION_ENTRY_POINTS[name]
-    arguments = {key: value.to(device) for key, value in entry.arguments(n).items()}
-    for argument, change in (changes or {}).items():
-        arguments[argument] = change(arguments[argument])
-    return entry.call(**arguments)
-
-
-@settings(max_examples=20)
-@given(value=NON_FINITE, position=st.integers(0, 99), n=st.integers(1, 3))
-@pytest.mark.parametrize("name, argument", function_cases(float_only=True))
-def test_function_non_finite_value_raises(name, argument, value, position, n, device):
-    assert_raises_naming(
-        lambda: run_function_entry(
-            name, {argument: lambda t: with_one_value(t, position, value)}, device, n
-        ),
-        [argument],
-    )
-
-
-@pytest.mark.parametrize("name", FUNCTION_ENTRY_POINTS)
-def test_function_empty_batch_raises(name, device):
-    arguments = FUNCTION_ENTRY_POINTS[name].arguments(1)
-    empty = {argument: lambda t: t[:0] for argument in arguments}
-    assert_raises_naming(lambda: run_function_entry(name, empty, device), list(arguments))
-
-
-@pytest.mark.parametrize("name", [n for n, e in FUNCTION_ENTRY_POINTS.items() if n != "roc_auc"])
-def test_function_zero_size_spatial_dimension_raises(name, device):
-    arguments = FUNCTION_ENTRY_POINTS[name].arguments(1)
-    no_width = {argument: lambda t: t[..., :0] for argument in arguments}
-    assert_raises_naming(lambda: run_function_entry(name, no_width, device), list(arguments))
-
-
-@pytest.mark.parametrize("dtype", OTHER_DTYPES, ids=str)
-@pytest.mark.parametrize("name, argument", function_cases())
-def test_function_other_dtype_works_or_raises(name, argument, dtype, device):
-    reference = run_function_entry(name, device=device)
-    assert_works_or_names(
-        lambda: run_function_entry(name, {argument: lambda t: t.round().to(dtype)}, device),
-        [argument],
-        reference,
-    )
-
-
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("name", FUNCTION_ENTRY_POINTS)
-def test_function_layout_does_not_change_results(name, layout, device):
-    reference = run_function_entry(name, device=device)
-    arguments = FUNCTION_ENTRY_POINTS[name].arguments(1)
-    changes = {argument: LAYOUTS[layout] for argument in arguments}
-    assert_same_results(run_function_entry(name, changes, device), reference)
-
-
-@pytest.mark.parametrize(
-    "name, argument",
-    [(n, a) for n, a in function_cases() if len(FUNCTION_ENTRY_POINTS[n].arguments(1)) > 1],
-)
-def test_function_tensor_on_other_device_raises(name, argument, device):
-    other = other_device(device)
-    arguments = FUNCTION_ENTRY_POINTS[name].arguments(1)
-    assert_raises_naming(
-        lambda: run_function_entry(name, {argument: lambda t: t.to(other)}, device),
-        list(arguments),
-    )
+    assert_works_or_names(call, ["inputs"])
 
 
 @settings(max_examples=20)
 @given(value=HUGE, position=st.integers(0, 99), everywhere=st.booleans(), n=st.integers(1, 3))
-@pytest.mark.parametrize("name, argument", function_cases(float_only=True))
+@pytest.mark.parametrize(
+    "name, argument", [(n, a) for n, a in argument_cases(float_only=True) if not ENTRIES[n].runs_model]
+)
 def test_function_huge_values_give_finite_results(name, argument, value, position, everywhere, n, device):
-    def huge(t):
-        return torch.full_like(t, value) if everywhere else with_one_value(t, position, value)
-
-    call = lambda: run_function_entry(name, {argument: huge}, device, n)  # noqa: E731
+    call = lambda: run_entry(name, {argument: huge_values(value, position, everywhere)}, device, n)  # noqa: E731
     if name == "predictive_uncertainty":  # probabilities cannot be huge
         assert_raises_naming(call, [argument])
     else:
-        assert_finite_results(call(), run_function_entry(name, device=device, n=n))
+        assert_finite_results(call(), run_entry(name, device=device, n=n))
