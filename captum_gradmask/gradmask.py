@@ -23,7 +23,6 @@ from torch import Tensor, nn
 
 from captum_gradmask._compat import _format_additional_forward_args
 from captum_gradmask._validation import (
-    check_finite,
     check_finite_results,
     check_float_inputs,
     check_values,
