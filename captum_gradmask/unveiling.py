@@ -199,7 +199,7 @@ class IterativeUnveiling(Attribution):
                 results.append(
                     self._unveil_examples(
                         image[rows],
-                        target if not isinstance(target, list) else target[rows],
+                        target[rows] if isinstance(target, list) else _example_rows(target, rows, n_examples),
                         _example_rows(baseline, rows, n_examples),
                         _example_rows(additional_forward_args, rows, n_examples),
                         {k: _example_rows(v, rows, n_examples) for k, v in attribute_kwargs.items()},

@@ -228,8 +228,9 @@ def test_additional_forward_args_reach_model_and_scores():
     torch.testing.assert_close(result.scores, reference)
 
 
+@pytest.mark.parametrize("target_type", [list, torch.tensor])
 @pytest.mark.parametrize("examples_batch_size", [1, 2, 4])
-def test_examples_batch_size_gives_the_same_result(device, examples_batch_size):
+def test_examples_batch_size_gives_the_same_result(device, examples_batch_size, target_type):
     """Per-example target, baselines, forward args and method kwargs are split with
     the inputs; the chunked result equals the one of the whole batch."""
     model = max_pooling_cnn().to(device)
@@ -240,7 +241,7 @@ def test_examples_batch_size_gives_the_same_result(device, examples_batch_size):
     images = blob_images(5, device)
     rows = torch.arange(5, device=device, dtype=images.dtype).view(5, 1, 1, 1)
     options = {
-        "target": [1, 0, 1, 1, 0],
+        "target": target_type([1, 0, 1, 1, 0]),
         "baselines": 0.02 * rows.expand_as(images),
         "additional_forward_args": (1 + rows.view(5, 1) / 4,),
         "n_iter": 3,
