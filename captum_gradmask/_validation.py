@@ -1,6 +1,9 @@
 """Checks of public arguments, with errors that name the argument."""
 
 import contextlib
+import os
+import sys
+import warnings
 from typing import Callable, Iterator, List, Tuple
 
 import torch
@@ -38,6 +41,26 @@ def value_checks(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _value_checks_enabled = previous
+
+
+def values_checked() -> bool:
+    """Whether checks that read tensor values run (see ``value_checks``)."""
+    return _value_checks_enabled
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+_TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+
+
+def warn_at_caller(message: str) -> None:
+    """A ``UserWarning`` attributed to the first frame outside this package and
+    torch, so Python's default filter shows it once per call site of the user's."""
+    frame, stacklevel = sys._getframe(0), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
+        (_PACKAGE_DIR, _TORCH_DIR)
+    ):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, UserWarning, stacklevel=stacklevel)
 
 
 def is_int(value: object) -> bool:
