@@ -12,7 +12,14 @@ from torch import nn
 from torch.autograd import gradcheck, gradgradcheck
 
 from captum_gradmask.gradmask import GradMask, GradMaskOutput, gradmask_penalty
-from helpers import ModelState
+from helpers import (
+    ModelState,
+    dilate_reference,
+    parameter_gradients,
+    path_draws,
+    reference_penalty,
+    relative_error,
+)
 
 VARIANTS = ["contrast", "class", "target", "rrr"]
 NORMS = ["sq_l2", "l2", "l1"]
@@ -58,78 +65,6 @@ def variant_options(variant, device="cpu"):
     if variant in ("class", "rrr"):
         return dict(variant=variant, target=2)
     return dict(variant=variant, target=torch.tensor([2, 0, 1], device=device))
-
-
-def dilate_reference(mask, radius):
-    """Max over the (2r+1)^d window, by explicit shifts of a zero-padded mask (zero
-    padding is neutral for a max because masks are >= 0)."""
-    spatial = mask.shape[2:]
-    padded = F.pad(mask, [radius] * 2 * len(spatial))
-    dilated = torch.zeros_like(mask)
-    for offset in itertools.product(range(2 * radius + 1), repeat=len(spatial)):
-        window = tuple(slice(o, o + size) for o, size in zip(offset, spatial))
-        dilated = torch.maximum(dilated, padded[(..., *window)])
-    return dilated
-
-
-def reference_penalty(
-    model, x, mask, has_mask=None, *, variant="contrast", target=1, contrast_target=0,
-    saliency="gradient", norm="sq_l2", reduction="mean", dilate=0, baseline=None, alpha=None,
-):
-    """DESIGN.md section 3 written out by hand. It double-backprops sum_b s_b, which
-    gives d s_b / d x_b when examples do not interact (no BatchNorm in training)."""
-    x = x.detach()
-    point = x if baseline is None else baseline + alpha * (x - baseline)
-    point = point.clone().requires_grad_()
-    logits = model(point)
-    rows = torch.arange(len(x), device=x.device)
-    labels = torch.as_tensor(target, device=x.device).expand(len(x))
-    if variant == "rrr":  # sum_k log p_k, log p_k = z_k - log sum_j exp z_j
-        s = (logits - logits.exp().sum(1, keepdim=True).log()).sum(1)
-    else:
-        s = logits[rows, labels]
-    if variant == "contrast":
-        s = (s - logits[:, contrast_target]).abs()
-    (gradient,) = torch.autograd.grad(s.sum(), point, create_graph=True)
-    if saliency == "input_x_gradient":
-        gradient = x * gradient
-    elif saliency == "expected_gradients":
-        gradient = (x - baseline) * gradient
-    outside = ((1 - dilate_reference(mask.to(x.dtype), dilate)) * gradient).flatten(1)
-    if norm == "sq_l2":
-        per_example = outside.pow(2).sum(1)
-    elif norm == "l2":
-        per_example = (outside.pow(2).sum(1) + torch.finfo(x.dtype).eps ** 2).sqrt()
-    else:
-        per_example = outside.abs().sum(1)
-    if has_mask is not None:
-        per_example = per_example[has_mask.bool()]
-    if reduction == "sum" or len(per_example) == 0:
-        return per_example.sum()
-    return per_example.mean()
-
-
-def path_draws(model, x, mask, seed, dilate=0):
-    """The default reference of expected gradients (x inside the dilated mask, 0
-    outside) and the alphas drawn, as GradMask draws them after the first forward
-    pass, from the same seed."""
-    torch.manual_seed(seed)
-    model(x)
-    alpha = torch.rand(len(x), *[1] * (x.dim() - 1), device=x.device, dtype=x.dtype)
-    return x * dilate_reference(mask.to(x.dtype), dilate), alpha
-
-
-def parameter_gradients(penalty, model):
-    # The last bias never reaches the saliency of "class" and "target".
-    return torch.autograd.grad(
-        penalty, list(model.parameters()), retain_graph=True, materialize_grads=True
-    )
-
-
-def relative_error(actual, expected):
-    actual = torch.cat([t.detach().flatten().double() for t in actual])
-    expected = torch.cat([t.detach().flatten().double() for t in expected])
-    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 def assert_matches_reference(
