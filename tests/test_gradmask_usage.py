@@ -1,0 +1,232 @@
+"""GradMask as users call it: in validation loops under no_grad, through lambdas and
+other callables around their models, with integer label masks, and on models where
+a method cannot run."""
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks._networks import AttentionNet, batchnorm_cnn
+from captum_gradmask import GradMask, gradmask_penalty
+from helpers import parameter_gradients, relative_error
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+METHODS = ["exact", "forward_mode", "finite_difference"]
+
+
+def bn_dropout_cnn(training=True):
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(), nn.Dropout(0.3),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 2),
+    ).double()
+    return model.train(training)
+
+
+def lesion_batch(n=2, side=6, device="cpu"):
+    torch.manual_seed(1)
+    x = torch.randn(n, 1, side, side, dtype=torch.float64, device=device)
+    mask = torch.zeros(n, 1, side, side, dtype=torch.float64, device=device)
+    mask[..., :3, :3] = 1.0
+    return x, mask
+
+
+# --- validation loops ---
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("saliency", ["gradient", "expected_gradients"])
+def test_under_no_grad_the_penalty_and_outputs_equal_the_grad_enabled_ones(device, method, saliency):
+    model = bn_dropout_cnn(training=False).to(device)
+    x, mask = lesion_batch(device=device)
+    torch.manual_seed(5)
+    enabled = gradmask_penalty(model, x, mask, method=method, saliency=saliency)
+    torch.manual_seed(5)
+    with torch.no_grad():
+        disabled = gradmask_penalty(model, x, mask, method=method, saliency=saliency)
+    assert torch.equal(disabled.penalty, enabled.penalty.detach())
+    assert torch.equal(disabled.outputs, enabled.outputs.detach())
+    assert disabled.penalty.grad_fn is None and disabled.outputs.grad_fn is None
+    assert not disabled.penalty.requires_grad
+
+
+def test_no_grad_is_still_on_after_the_call():
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    with torch.no_grad():
+        GradMask(model)(x, mask)
+        assert not torch.is_grad_enabled()
+
+
+# --- callables around a model ---
+
+
+def tuple_model(model):
+    """A model returning (logits, features), like MONAI's ViT."""
+
+    class TupleOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, x):
+            return self.model(x), x.mean()
+
+    return TupleOutput()
+
+
+class Wrapper:
+    """A callable object holding the model as an attribute."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x):
+        return self.model(x)
+
+
+def callables_around(model):
+    picked = tuple_model(model)
+    return {
+        "lambda": lambda x: model(x),
+        "lambda picking a tuple entry": lambda x: picked(x)[0],
+        "partial": functools.partial(model.forward),
+        "bound method": model.forward,
+        "callable object": Wrapper(model),
+    }
+
+
+@pytest.mark.parametrize("kind", list(callables_around(nn.Identity())))
+@pytest.mark.parametrize("method", METHODS)
+def test_a_callable_gets_the_batch_norm_and_random_state_handling_of_its_model(kind, method):
+    model, twin = bn_dropout_cnn(), bn_dropout_cnn()
+    x, mask = lesion_batch()
+    forward_func = callables_around(model)[kind]
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="BatchNorm in training mode"):
+        through_callable = gradmask_penalty(forward_func, x, mask, method=method)
+    rng_after_callable = torch.get_rng_state()
+    torch.manual_seed(2)
+    with pytest.warns(UserWarning, match="BatchNorm in training mode"):
+        through_model = gradmask_penalty(twin, x, mask, method=method)
+    assert torch.equal(torch.get_rng_state(), rng_after_callable)
+    assert torch.equal(through_callable.penalty, through_model.penalty)
+    for ours, reference in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(ours, reference)  # running statistics updated once
+    assert relative_error(
+        parameter_gradients(through_callable.penalty, model),
+        parameter_gradients(through_model.penalty, twin),
+    ) <= 1e-12
+
+
+def test_a_failing_lambda_leaves_batch_norm_statistics_and_random_state_unchanged():
+    model = bn_dropout_cnn()
+    x, mask = lesion_batch()
+    saved_buffers = [b.clone() for b in model.buffers()]
+    torch.manual_seed(3)
+    saved_rng = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="BatchNorm"), pytest.raises(ValueError, match="^target must be in"):
+        gradmask_penalty(lambda inputs: model(inputs), x, mask, target=5)
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), saved_buffers))
+    assert torch.equal(torch.get_rng_state(), saved_rng)
+
+
+def test_a_model_returning_a_tuple_is_refused_with_how_to_wrap_it():
+    model = tuple_model(bn_dropout_cnn(training=False))
+    x, mask = lesion_batch()
+    with pytest.raises(TypeError, match=r"^forward_func returned a tuple of 2; .*lambda x: model\(x\)\[0\]"):
+        gradmask_penalty(model, x, mask)
+
+
+def test_a_segmentation_output_is_refused_with_a_hint():
+    model = nn.Conv2d(1, 2, 3, padding=1).double()
+    x, mask = lesion_batch()
+    with pytest.raises(ValueError, match="^forward_func must return logits of shape .* segmentation network"):
+        gradmask_penalty(model, x, mask)
+
+
+# --- masks ---
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.uint8, torch.int32, torch.int64, torch.float32, torch.float64])
+def test_bool_integer_and_float_masks_give_the_same_penalty(dtype):
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    expected = gradmask_penalty(model, x, mask, dilate=1).penalty
+    assert torch.equal(gradmask_penalty(model, x, mask.to(dtype), dilate=1).penalty, expected)
+
+
+# --- methods that cannot run on a model ---
+
+
+class _NoJvpSquare(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+def test_forward_mode_on_an_operation_without_forward_derivative_names_the_other_methods():
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    with pytest.raises(NotImplementedError, match="^method='forward_mode' needs forward-mode derivatives.*method='exact'"):
+        gradmask_penalty(lambda inputs: model(_NoJvpSquare.apply(inputs)), x, mask, method="forward_mode")
+
+
+def test_forward_mode_refuses_attention_dropout_in_training():
+    torch.manual_seed(0)
+    model = AttentionNet(2, 1, 2, width=8).train()
+
+    def with_attention_dropout(x):
+        original = torch.nn.functional.scaled_dot_product_attention
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(
+                torch.nn.functional, "scaled_dot_product_attention",
+                lambda q, k, v: original(q, k, v, dropout_p=0.1),
+            )
+            return model(x)
+
+    x, mask = lesion_batch(side=8)
+    with pytest.raises(NotImplementedError, match="attention dropout"):
+        gradmask_penalty(with_attention_dropout, x.float(), mask.float(), method="forward_mode")
+
+
+def test_finite_difference_on_a_smooth_float64_net_does_not_warn():
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradmask_penalty(model, x, mask, method="finite_difference")
+
+
+def test_finite_difference_warning_is_shown_once_per_call_site():
+    model = batchnorm_cnn(2, 1, 2).eval()
+    x, mask = (t.float() for t in lesion_batch(side=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        for _ in range(3):
+            gradmask_penalty(model, x, mask, method="finite_difference")
+        GradMask(model, method="finite_difference")(x, mask)
+    messages = [w for w in caught if "finite_difference" in str(w.message)]
+    assert len(messages) == 2
+    assert all(w.filename == __file__ for w in messages)
+
+
+def test_finite_difference_warns_when_its_quotient_is_off_its_first_order_term(monkeypatch):
+    import captum_gradmask._directional as directional
+
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    monkeypatch.setattr(directional, "QUOTIENT_TOLERANCE", 0.0)  # any rounding is "off"
+    with pytest.warns(UserWarning, match="difference quotient is off its exact first-order term"):
+        gradmask_penalty(model, x, mask, method="finite_difference")
