@@ -8,16 +8,22 @@ setting is trained over several seeds and scored by test AUC:
 
 - baseline: cross-entropy only;
 - GradMask, contrast saliency, input gradient, sq_l2 (the paper);
-- GradMask, contrast saliency, expected gradients, sq_l2 (recommended).
+- GradMask, expected gradients (EG) with the default reference: each image inside
+  its dilated lesion mask and 0 outside it;
+- GradMask, EG with healthy references: the path starts at a healthy (class-0)
+  training image, drawn per example (recommended).
 
 Two artifact kinds, one table section each. A smooth bright spot is answered
 smoothly, so both penalties see it. A binary high-intensity marker is answered with
 a saturated, flat response: its input gradient vanishes, so the gradient penalty
 cannot see it (and, pushing the rest of the model flatter, does worse than no
-penalty), while expected gradients, integrated along a path from another image,
+penalty), while expected gradients, integrated along a path from a reference,
 still does. The penalty applies to class-1 images (those with a lesion mask),
-dilated by 2 pixels to cover the lesion's edge. Saves a figure of integrated-gradient
-maps of the baseline and the recommended model, lesions outlined.
+dilated by 2 pixels to cover the lesion's edge. Besides test AUC, the table gives
+the artifact effect: how far drawing the artifact into a test image moves the
+model's score, against how far a lesion moves it, i.e. how much the model still
+reads the artifact. Saves a figure of integrated-gradient maps of the
+baseline and the recommended model, lesion and artifact corner outlined.
 
     python examples/train_gradmask.py --quick
 """
@@ -37,7 +43,12 @@ import torch.nn.functional as F  # noqa: E402
 from captum.attr import IntegratedGradients  # noqa: E402
 from torch import nn  # noqa: E402
 
-from captum_gradmask.datasets.lesions import ARTIFACTS, confounded_lesions  # noqa: E402
+from captum_gradmask.datasets.lesions import (  # noqa: E402
+    ARTIFACT_ZONE,
+    ARTIFACTS,
+    add_artifact,
+    confounded_lesions,
+)
 from captum_gradmask.gradmask import GradMask  # noqa: E402
 from captum_gradmask.metrics import relevance_mass_accuracy, roc_auc  # noqa: E402
 
@@ -53,14 +64,16 @@ class Setting(NamedTuple):
     name: str
     saliency: Optional[str]  # None: cross-entropy only
     weight: float  # lambda, the penalty weight, fixed for all seeds and artifacts
+    healthy_references: bool = False  # expected gradients from healthy training images
 
 
 SETTINGS = [
     Setting("baseline (cross-entropy)", None, 0.0),
     Setting("GradMask gradient", "gradient", 1.0),
-    Setting("GradMask expected_gradients", "expected_gradients", 1.0),
+    Setting("GradMask EG, masked reference", "expected_gradients", 10.0),
+    Setting("GradMask EG, healthy references", "expected_gradients", 1.0, healthy_references=True),
 ]
-RECOMMENDED = SETTINGS[2]
+RECOMMENDED = SETTINGS[3]
 
 
 def small_cnn() -> nn.Module:
@@ -78,7 +91,10 @@ def train(setting, data, n_steps, seed, device):
     torch.manual_seed(seed)  # initial weights and the expected-gradients path points
     model = small_cnn().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    gradmask = GradMask(model, saliency=setting.saliency, dilate=DILATE) if setting.saliency else None
+    gradmask = None
+    if setting.saliency:
+        references = data.images[data.labels == 0] if setting.healthy_references else None
+        gradmask = GradMask(model, saliency=setting.saliency, dilate=DILATE, baselines=references)
     batches = torch.Generator().manual_seed(seed)
     for _ in range(n_steps):
         batch = torch.randint(0, len(data.labels), (BATCH_SIZE,), generator=batches).to(device)
@@ -100,9 +116,44 @@ def test_auc(model, test_set):
     return roc_auc(logits[:, 1] - logits[:, 0], test_set.labels)
 
 
+def logit_difference(model):
+    """z_1 - z_0 as a one-output function, so attributions explain the decision."""
+    return lambda images: model(images)[:, 1] - model(images)[:, 0]
+
+
+def integrated_gradients(model, images):
+    """|integrated gradients| of z_1 - z_0 from a blank image: unlike the local
+    gradient, it sees a saturated response to the marker."""
+    return IntegratedGradients(logit_difference(model)).attribute(images.clone(), n_steps=32).abs().detach()
+
+
+def artifact_zone(images):
+    """1 on the corner where the artifact is drawn."""
+    zone = torch.zeros_like(images)
+    side = round(ARTIFACT_ZONE * images.shape[-1])
+    zone[..., :side, :side] = 1.0
+    return zone
+
+
+def artifact_effect(model, test_set, artifact):
+    """How much the model still reads the artifact, against how much it reads the
+    lesion: the mean change of z_1 - z_0 when the artifact is drawn into the test
+    images that lack it, over the mean gap of z_1 - z_0 between those images with
+    and without a lesion (0: the artifact is ignored; 1: it counts like a lesion)."""
+    lacking = ~test_set.has_artifact
+    clean, labels = test_set.images[lacking], test_set.labels[lacking]
+    marked = add_artifact(clean, torch.ones(len(clean), dtype=torch.bool), artifact)
+    with torch.no_grad():
+        score_clean, score_marked = logit_difference(model)(clean), logit_difference(model)(marked)
+    lesion_gap = score_clean[labels == 1].mean() - score_clean[labels == 0].mean()
+    return ((score_marked - score_clean).mean() / lesion_gap).item()
+
+
 def run_artifact(artifact, seeds, n_steps, n_test, device):
-    """Test AUC per setting and seed, and the first seed's models for the figure."""
+    """Test AUC and artifact effect per setting and seed, and the first seed's models
+    for the figure."""
     aucs = {setting.name: [] for setting in SETTINGS}
+    effects = {setting.name: [] for setting in SETTINGS}
     first_models = {}
     for seed in seeds:
         train_set = confounded_lesions(
@@ -114,58 +165,63 @@ def run_artifact(artifact, seeds, n_steps, n_test, device):
         for setting in SETTINGS:
             model = train(setting, train_set, n_steps, seed, device)
             aucs[setting.name].append(test_auc(model, test_set))
+            effects[setting.name].append(artifact_effect(model, test_set, artifact))
             first_models.setdefault(setting.name, model)
-    return aucs, first_models, test_set
+    return aucs, effects, first_models, test_set
 
 
 def print_table(results, n_seeds):
-    print(f"\ntest AUC, mean +- SD over {n_seeds} seeds (artifact independent of the label at test)")
-    print(f"{'artifact':8s}  {'setting':30s}{'lambda':>7s}  {'test AUC':>15s}  {'vs baseline':>11s}")
-    for artifact, aucs in results.items():
+    print(f"\ntest AUC (artifact independent of the label at test), and the artifact effect: the "
+          f"shift of z_1 - z_0 when the\nartifact is drawn in, over the shift a lesion makes (0: "
+          f"ignored, 1: read like a lesion); mean +- SD over {n_seeds} seeds")
+    print(f"{'artifact':8s}  {'setting':34s}{'lambda':>7s}  {'test AUC':>15s}  {'vs baseline':>11s}"
+          f"  {'artifact effect':>15s}")
+    for artifact, (aucs, effects) in results.items():
         baseline = torch.tensor(aucs[SETTINGS[0].name]).mean()
         for setting in SETTINGS:
-            values = torch.tensor(aucs[setting.name])
-            spread = values.std() if len(values) > 1 else torch.tensor(0.0)
-            print(f"{artifact:8s}  {setting.name:30s}{setting.weight:7.1f}  "
-                  f"{values.mean():7.3f} +- {spread:5.3f}  {values.mean() - baseline:+11.3f}")
+            values, effect = torch.tensor(aucs[setting.name]), torch.tensor(effects[setting.name])
+            print(f"{artifact:8s}  {setting.name:34s}{setting.weight:7.1f}  "
+                  f"{values.mean():7.3f} +- {_sd(values):5.3f}  {values.mean() - baseline:+11.3f}"
+                  f"  {effect.mean():7.2f} +- {_sd(effect):5.2f}")
 
 
-def logit_difference(model):
-    """z_1 - z_0 as a one-output function, so attributions explain the decision."""
-    return lambda images: model(images)[:, 1] - model(images)[:, 0]
+def _sd(values):
+    return values.std() if len(values) > 1 else torch.tensor(0.0)
 
 
 def save_figure(path, figure_data, n_shown=4):
-    """Per artifact: test images with the artifact and a lesion, then integrated
-    gradients of z_1 - z_0 (from a blank image) for the baseline and the recommended
-    model, with the share of the attribution inside the lesion (relevance mass
-    accuracy); lesions outlined in red. Integrated gradients, unlike the local
-    gradient, sees a saturated response to the marker."""
+    """Per artifact, three rows on one colour scale each: test images with the
+    artifact and a lesion, then |integrated gradients| of z_1 - z_0 for the baseline
+    and the recommended model, each panel titled with its share of attribution in
+    the lesion (red outline) and on the artifact's corner (cyan box)."""
     rows = len(figure_data) * 3
-    figure, axes = plt.subplots(rows, n_shown, figsize=(2.1 * n_shown, 2.1 * rows),
+    figure, axes = plt.subplots(rows, n_shown, figsize=(2.2 * n_shown + 1, 2.2 * rows),
                                 squeeze=False, layout="constrained")
     for block, (artifact, (models, test_set)) in enumerate(figure_data.items()):
         shown = (test_set.labels == 1) & test_set.has_artifact
         images, masks = test_set.images[shown][:n_shown], test_set.masks[shown][:n_shown]
-        panels = [(f"{artifact}: image", images)]
+        panels = [(f"{artifact}: test image", images, "gray")]
         for setting in (SETTINGS[0], RECOMMENDED):
-            integrated = IntegratedGradients(logit_difference(models[setting.name]))
-            attributions = integrated.attribute(images.clone(), n_steps=32).abs()
-            panels.append((f"{artifact}: {setting.name.split(' (')[0]}", attributions.detach()))
-        for offset, (name, maps) in enumerate(panels):
-            lesion_share = relevance_mass_accuracy(maps, masks) if offset > 0 else None
-            for column in range(len(images)):
-                axis = axes[3 * block + offset, column]
-                if offset == 0:  # grey levels of the noise and lesion, the marker clipped
-                    axis.imshow(maps[column, 0].cpu().numpy(), cmap="gray", vmin=-1.5, vmax=2.5)
-                    title = name
-                else:
-                    axis.imshow(maps[column, 0].cpu().numpy(), cmap="hot")
-                    title = f"{name}\nshare in lesion {lesion_share[column]:.2f}"
-                axis.contour(masks[column, 0].cpu().numpy(), levels=[0.5], colors="red",
-                             linewidths=0.8)
+            name = f"{setting.name.split(' (')[0]}\nintegrated gradients"
+            panels.append((name, integrated_gradients(models[setting.name], images), "hot"))
+        for offset, (name, maps, colours) in enumerate(panels):
+            row = axes[3 * block + offset]
+            low, high = (maps.min().item(), maps.max().item()) if offset == 0 else (0.0, maps.max().item())
+            if offset > 0:
+                in_lesion = relevance_mass_accuracy(maps, masks)
+                on_artifact = relevance_mass_accuracy(maps, artifact_zone(maps))
+            for column, axis in enumerate(row):
+                shown_map = axis.imshow(maps[column, 0].cpu().numpy(), cmap=colours, vmin=low, vmax=high)
+                axis.contour(masks[column, 0].cpu().numpy(), levels=[0.5], colors="red", linewidths=0.8)
+                side = ARTIFACT_ZONE * maps.shape[-1]
+                axis.add_patch(plt.Rectangle((-0.5, -0.5), side, side, fill=False, edgecolor="cyan",
+                                             linestyle="--", linewidth=0.8))
+                title = name if offset == 0 else (
+                    f"{name}\nlesion {in_lesion[column]:.2f}, artifact {on_artifact[column]:.2f}")
                 axis.set_title(title, fontsize=7)
                 axis.axis("off")
+            figure.colorbar(shown_map, ax=list(row), shrink=0.8,
+                            label="intensity" if offset == 0 else "|attribution|")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -188,8 +244,8 @@ def main():
     n_test = 400 if args.quick else 1000
     results, figure_data = {}, {}
     for artifact in ARTIFACTS:
-        aucs, models, test_set = run_artifact(artifact, range(n_seeds), n_steps, n_test, args.device)
-        results[artifact] = aucs
+        aucs, effects, models, test_set = run_artifact(artifact, range(n_seeds), n_steps, n_test, args.device)
+        results[artifact] = (aucs, effects)
         figure_data[artifact] = (models, test_set)
     print(f"{N_TRAIN} training images, artifact in all class-1 and no class-0 ones; "
           f"{n_steps} steps of {BATCH_SIZE}; recommended: {RECOMMENDED.name}")
