@@ -1,8 +1,11 @@
 """Measurements shared by the benchmarks (and the memory tests): interleaved runs,
 medians after warm-up, and the peak tensor memory of one call."""
 
+import contextlib
 import json
+import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -33,6 +36,21 @@ def interleaved_medians(functions, repeats, device):
     return {name: statistics.median(runs[1:]) for name, runs in times.items()}
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """The profiler's C++ side prints a debug line to the process's stderr at every
+    start and stop; send file descriptor 2 to /dev/null meanwhile."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_mib(call, device) -> float:
     """Peak tensor memory allocated during one call, above what was live before it:
     the allocator's peak on CUDA, the PyTorch profiler's allocation events on CPU."""
@@ -44,7 +62,7 @@ def peak_memory_mib(call, device) -> float:
         call()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         call()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
         profiler.export_chrome_trace(trace_file.name)

@@ -14,10 +14,12 @@ benchmarks/_networks.py, with a smooth tanh CNN for comparison.
 """
 
 import argparse
+import contextlib
 import warnings
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import captum_gradmask._directional as directional
 from captum_gradmask import gradmask_penalty
@@ -43,7 +45,9 @@ QUICK_NETWORKS = ["tanh CNN 2-D", "BatchNorm CNN 2-D"]
 def penalty_gradient(model, images, mask, method):
     """The penalty's parameter gradient, flattened, in float64."""
     torch.manual_seed(0)
-    with warnings.catch_warnings():
+    # Flash attention, PyTorch's default on CPU, has no double backward.
+    attention = sdpa_kernel(SDPBackend.MATH) if method == "exact" else contextlib.nullcontext()
+    with warnings.catch_warnings(), attention:
         warnings.simplefilter("ignore")
         penalty = gradmask_penalty(model, images, mask, method=method).penalty
     gradients = torch.autograd.grad(penalty, list(model.parameters()), allow_unused=True, materialize_grads=True)

@@ -5,7 +5,9 @@ g = d S / d points of a summed saliency objective S.
 - ``forward_mode``: with v = dR/dg held fixed, dR/dtheta = d(v . g)/dtheta, and
   v . g is the directional derivative of S along v, which forward-mode AD gives
   exactly; one backward through that dual forward pass gives the parameter gradient
-  (reverse-over-forward). No double backward.
+  (reverse-over-forward). No double backward. PyTorch's own reverse-over-forward is
+  wrong or fails for a few operations (normalisation statistics, softmax,
+  attention): those run recomposed (``_forward_mode_ops``).
 - ``finite_difference``: the directional derivative replaced by a forward
   difference quotient (Finlay & Oberman 2019). Its first-order term v . g is known
   exactly, so each call checks the quotient against it.
@@ -24,11 +26,12 @@ from captum_gradmask._forward_mode_ops import recomposed_for_forward_mode
 from captum_gradmask._validation import values_checked, warn_at_caller
 
 # Relative disagreement of the difference quotient with its exact first-order term
-# above which the quotient is lost to rounding or to many activation kinks. Measured
-# on float32 CNNs (benchmarks/check_finite_difference.py): up to 6e-4 where the
-# parameter gradient is right (1e-3 relative); but also 1e-5 to 4e-4 on ReLU nets
-# whose parameter gradient is off by 40x: one kink crossed moves the quotient by
-# O(1) but its parameter gradient by O(1/step). Hence the second, static check.
+# above which the quotient is lost to rounding or to many activation kinks. It cannot
+# tell every failure (benchmarks/accuracy_gradmask_methods.py, float32): up to 8e-3
+# on smooth nets whose parameter gradient is right to 1e-2, but 3e-4 to 2e-2 on
+# ReLU / BatchNorm nets whose parameter gradient is off by 1.5x to 30x: one kink
+# crossed moves the quotient by O(1) but its parameter gradient by O(1/step).
+# Hence also the static check, warn_if_finite_difference_is_inexact.
 QUOTIENT_TOLERANCE = 1e-2
 
 # Layers whose derivative jumps: a float32 step (3e-4 of the input scale) crosses
@@ -112,8 +115,9 @@ def warn_if_finite_difference_is_inexact(modules: List[nn.Module], dtype: torch.
         warn_at_caller(
             f"method='finite_difference' in {dtype} on a network with piecewise-linear "
             f"layers ({', '.join(kinked)}): the difference step crosses their kinks, and "
-            "the parameter gradient was measured 4 to 63 times off on such CNNs. Use "
-            "method='forward_mode' or method='exact', which are exact."
+            "its parameter gradient was measured 1.5 to 30 times off on such CNNs "
+            "(benchmarks/accuracy_gradmask_methods.py). Use method='forward_mode' or "
+            "method='exact', which are exact."
         )
 
 
@@ -176,8 +180,9 @@ def _check_double_backward_exists(penalty: Tensor) -> None:
         seen.add(node)
         if type(node).__name__ == "NotImplemented":
             raise RuntimeError(
-                f"method='exact' needs the double backward of every operation, and "
-                f"one has none ({node.name()}, e.g. flash attention). Use "
+                "method='exact' needs the double backward of every operation, and "
+                "one in this model has none (flash attention, PyTorch's default "
+                "attention kernel, is one). Use "
                 "method='forward_mode' (exact, no double backward; it runs attention as "
                 "a composition of elementary operations) or method='finite_difference'"
             )

@@ -86,15 +86,21 @@ def small_cnn() -> nn.Module:
     )
 
 
+def make_gradmask(setting, model, data):
+    """The setting's GradMask on ``model`` (None for the baseline); healthy
+    references are the training images without a lesion."""
+    if setting.saliency is None:
+        return None
+    references = data.images[data.labels == 0] if setting.healthy_references else None
+    return GradMask(model, saliency=setting.saliency, dilate=DILATE, baselines=references)
+
+
 def train(setting, data, n_steps, seed, device):
     """Adam on random minibatches; the penalty only on images with a lesion mask."""
     torch.manual_seed(seed)  # initial weights and the expected-gradients path points
     model = small_cnn().to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    gradmask = None
-    if setting.saliency:
-        references = data.images[data.labels == 0] if setting.healthy_references else None
-        gradmask = GradMask(model, saliency=setting.saliency, dilate=DILATE, baselines=references)
+    gradmask = make_gradmask(setting, model, data)
     batches = torch.Generator().manual_seed(seed)
     for _ in range(n_steps):
         batch = torch.randint(0, len(data.labels), (BATCH_SIZE,), generator=batches).to(device)

@@ -5,9 +5,10 @@ CNN and the same penalty: in training every class-1 image and no class-0 image
 carries an artifact, at test half of each class does. This script trains one
 artifact kind (default: the binary marker, whose flat response defeats the plain
 gradient penalty) with two settings, the cross-entropy baseline and the recommended
-GradMask (contrast saliency, expected gradients, sq_l2), over a few seeds. Each rank
-trains on its share of the training set (DistributedSampler) with the GradMask
-module wrapping the DDP model; DDP averages the gradients. Rank 0 prints the test
+GradMask (contrast saliency, expected gradients from healthy training images,
+sq_l2), over a few seeds. Each rank trains on its share of the training set
+(DistributedSampler) with the GradMask module wrapping the DDP model; DDP averages
+the gradients. Rank 0 prints the test
 AUC table and saves a figure of integrated-gradient maps.
 
     torchrun --nproc_per_node=2 examples/train_gradmask_ddp.py --quick
@@ -33,19 +34,18 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.data.distributed import DistributedSampler
 
 from captum_gradmask.datasets.lesions import ARTIFACTS, confounded_lesions
-from captum_gradmask.gradmask import GradMask
 
 # The main example's model, data settings and figure (the script's own folder is on
 # sys.path, from any working directory).
 from train_gradmask import (
     BATCH_SIZE,
-    DILATE,
     LEARNING_RATE,
     N_TRAIN,
     RECOMMENDED,
     SETTINGS as MAIN_SETTINGS,
     TEST_CONFOUND,
     TRAIN_CONFOUND,
+    make_gradmask,
     save_figure,
     small_cnn,
     test_auc,
@@ -72,7 +72,7 @@ def train(setting, train_set, n_epochs, seed, device):
     model = DistributedDataParallel(small_cnn().to(device))
     torch.manual_seed(1000 * seed + dist.get_rank())  # expected-gradients path points
     optimizer = torch.optim.Adam(model.parameters(), lr=LEARNING_RATE)
-    gradmask = GradMask(model, saliency=setting.saliency, dilate=DILATE) if setting.saliency else None
+    gradmask = make_gradmask(setting, model, train_set)
     dataset = TensorDataset(train_set.images, train_set.labels, train_set.masks)
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=True)
     loader = DataLoader(dataset, batch_size=BATCH_SIZE // dist.get_world_size(), sampler=sampler)

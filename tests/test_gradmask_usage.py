@@ -2,7 +2,6 @@
 other callables around their models, with integer label masks, and on models where
 a method cannot run."""
 
-import copy
 import functools
 import warnings
 
