@@ -68,9 +68,14 @@ def exact_penalty(problem: SaliencyProblem) -> Tensor:
 def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
     value, direction, _ = _value_and_direction(problem)
     origin = problem.points if problem.track_points else problem.points.detach()
+    # The tangent is linear in the direction: propagate it at max-norm 1 and scale
+    # back. A small direction would otherwise carry subnormal numbers through the
+    # network, which the CPU computes up to 100 times slower.
+    direction_scale = direction.abs().amax()
+    unit_direction = direction / direction_scale.clamp_min(torch.finfo(direction.dtype).tiny)
     try:
         with recomposed_for_forward_mode(), forward_ad.dual_level():
-            dual_points = forward_ad.make_dual(origin, direction)
+            dual_points = forward_ad.make_dual(origin, unit_direction)
             tangent = forward_ad.unpack_dual(problem.objective_sum_at(dual_points)).tangent
     except NotImplementedError as error:
         raise NotImplementedError(
@@ -81,6 +86,7 @@ def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
         ) from error
     if tangent is None:  # the objective does not depend on the points
         return value
+    tangent = tangent * direction_scale
     return value + (tangent - tangent.detach())
 
 
