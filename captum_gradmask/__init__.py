@@ -8,7 +8,7 @@ offline data generators in ``captum_gradmask.datasets``.
 
 from captum_gradmask.contrast_saliency import ContrastSaliency
 from captum_gradmask.differentiable import differentiable
-from captum_gradmask.gradmask import GradMask, GradMaskOutput, gradmask_penalty
+from captum_gradmask.gradmask import GradMask, GradMaskOptions, GradMaskOutput, gradmask_penalty
 from captum_gradmask.mc_dropout import (
     MCAttribution,
     MCDropout,
@@ -24,6 +24,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "ContrastSaliency",
     "GradMask",
+    "GradMaskOptions",
     "GradMaskOutput",
     "IterativeUnveiling",
     "MCAttribution",
