@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import inspect
+import types
 from typing import Callable, Iterator, List, Sequence
 
 import torch
@@ -36,10 +37,15 @@ def preserved_training_modes(module: torch.nn.Module) -> Iterator[None]:
             submodule.training = mode
 
 
+# Containers are searched this far: a model sits near the top, not in a data set.
+_MOST_ITEMS = 64
+
+
 def modules_of(forward_func: Callable) -> List[nn.Module]:
     """The modules ``forward_func`` runs: itself if it is a module, else the modules
     it reaches as a bound method, a ``functools.partial``, through its closure, its
-    defaults, the globals its code names, or (for a callable object) its attributes.
+    defaults, the globals its code names, or the attributes of the objects these
+    hold (``lambda x: self.model(x)``), a few levels deep.
 
     A lambda around a model (``lambda x: model(x)[0]``) thus gets the same
     BatchNorm and random-state handling as the model itself.
@@ -54,14 +60,17 @@ def modules_of(forward_func: Callable) -> List[nn.Module]:
         if isinstance(value, nn.Module):
             found.append(value)
         elif isinstance(value, (list, tuple)):
-            for item in value:
+            for item in value[:_MOST_ITEMS]:
                 visit(item, depth + 1)
         elif isinstance(value, dict):
-            for item in value.values():
+            for item in list(value.values())[:_MOST_ITEMS]:
                 visit(item, depth + 1)
         elif callable(value):
             for reached in _reached_by_callable(value):
                 visit(reached, depth + 1)
+        elif hasattr(value, "__dict__") and not isinstance(value, (types.ModuleType, torch.Tensor)):
+            for item in list(vars(value).values())[:_MOST_ITEMS]:
+                visit(item, depth + 1)
 
     visit(forward_func, 0)
     return found

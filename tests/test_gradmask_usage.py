@@ -89,9 +89,20 @@ class Wrapper:
         return self.model(x)
 
 
+class Trainer:
+    """A plain object holding the model, whose method builds the forward function."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward_function(self):
+        return lambda x: self.model(x)
+
+
 def callables_around(model):
     picked = tuple_model(model)
     return {
+        "lambda over an object's attribute": Trainer(model).forward_function(),
         "lambda": lambda x: model(x),
         "lambda picking a tuple entry": lambda x: picked(x)[0],
         "partial": functools.partial(model.forward),
