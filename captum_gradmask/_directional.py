@@ -78,6 +78,8 @@ def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
             dual_points = forward_ad.make_dual(origin, unit_direction)
             tangent = forward_ad.unpack_dual(problem.objective_sum_at(dual_points)).tangent
     except NotImplementedError as error:
+        if str(error).startswith("method='forward_mode'"):  # our own refusal says it all
+            raise
         raise NotImplementedError(
             "method='forward_mode' needs forward-mode derivatives of every operation "
             f"in the model, and one is missing ({_first_line(error)}). Use "
@@ -86,6 +88,12 @@ def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
         ) from error
     if tangent is None:  # the objective does not depend on the points
         return value
+    if _has_underivable_node(tangent):
+        raise NotImplementedError(
+            "method='forward_mode' needs the backward of every operation's tangent, and "
+            "one in this model has none (e.g. GLU, hardsigmoid). Use method='exact', or "
+            "method='finite_difference' for compiled models"
+        )
     tangent = tangent * direction_scale
     return value + (tangent - tangent.detach())
 
@@ -174,25 +182,35 @@ def _warn_if_untrusted(quotient: Tensor, first_order: Tensor) -> None:
         )
 
 
-def _check_double_backward_exists(penalty: Tensor) -> None:
-    """A model with an operation that has no double backward (flash attention)
-    builds a graph that fails only in the caller's ``backward()``, with PyTorch's
-    bare error; find that node now and say what works instead."""
-    seen, stack = set(), [penalty.grad_fn]
+def _has_underivable_node(result: Tensor) -> bool:
+    """Whether the graph of ``result`` holds a node whose backward cannot run: an
+    operation with no derivative of its backward or tangent (flash attention's
+    double backward; the backward of some tangents, e.g. of GLU or hardsigmoid), or
+    a custom Function marked once_differentiable. PyTorch would raise only in the
+    caller's ``backward()``, with a bare error."""
+    seen, stack = set(), [result.grad_fn]
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
-        if type(node).__name__ == "NotImplemented":
-            raise RuntimeError(
-                "method='exact' needs the double backward of every operation, and "
-                "one in this model has none (flash attention, PyTorch's default "
-                "attention kernel, is one). Use "
-                "method='forward_mode' (exact, no double backward; it runs attention as "
-                "a composition of elementary operations) or method='finite_difference'"
-            )
+        if type(node).__name__ in ("NotImplemented", "Error"):  # Error: once_differentiable
+            return True
         stack.extend(child for child, _ in node.next_functions)
+    return False
+
+
+def _check_double_backward_exists(penalty: Tensor) -> None:
+    if _has_underivable_node(penalty):
+        raise RuntimeError(
+            "method='exact' needs the double backward of every operation, and one in "
+            "this model has none: e.g. flash attention (PyTorch's default attention "
+            "kernel; run the model inside torch.nn.attention.sdpa_kernel("
+            "SDPBackend.MATH)), hardsigmoid, or a custom autograd Function marked "
+            "once_differentiable. Use "
+            "method='forward_mode' (exact, no double backward; it runs attention as a "
+            "composition of elementary operations) or method='finite_difference'"
+        )
 
 
 def _first_line(error: BaseException) -> str:

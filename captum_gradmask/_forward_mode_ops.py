@@ -23,7 +23,9 @@ from torch.overrides import TorchFunctionMode
 
 
 def _with_tangent(output: Tensor, tangent: Tensor) -> Tensor:
-    return forward_ad.make_dual(output, tangent)
+    # Under autocast the tangent, scaled by a float32 weight, may be float32 where the
+    # output is half.
+    return forward_ad.make_dual(output, tangent.to(output.dtype))
 
 
 def _normalization_tangent(
@@ -90,7 +92,9 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5) -> Tensor:
     return _with_tangent(output, _channel_scaled(output_tangent, weight))
 
 
-def _softmax(input: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+def _softmax(input: Tensor, dim: Optional[int], dtype: Optional[torch.dtype] = None, _stacklevel: int = 3) -> Tensor:
+    if dim is None:  # the legacy implicit dimension of F.softmax and nn.Softmax()
+        dim = F._get_softmax_dim("softmax", input.dim(), _stacklevel)
     primal, tangent = forward_ad.unpack_dual(input if dtype is None else input.to(dtype))
     output = torch.softmax(primal, dim)
     if tangent is None:
@@ -98,7 +102,9 @@ def _softmax(input: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Te
     return _with_tangent(output, output * (tangent - (output * tangent).sum(dim, keepdim=True)))
 
 
-def _log_softmax(input: Tensor, dim: int, dtype: Optional[torch.dtype] = None) -> Tensor:
+def _log_softmax(input: Tensor, dim: Optional[int], dtype: Optional[torch.dtype] = None, _stacklevel: int = 3) -> Tensor:
+    if dim is None:
+        dim = F._get_softmax_dim("log_softmax", input.dim(), _stacklevel)
     primal, tangent = forward_ad.unpack_dual(input if dtype is None else input.to(dtype))
     output = torch.log_softmax(primal, dim)
     if tangent is None:
@@ -111,8 +117,9 @@ def _logsumexp(input: Tensor, dim, keepdim: bool = False) -> Tensor:
     output = torch.logsumexp(primal, dim, keepdim)
     if tangent is None:
         return output
-    output_tangent = (torch.softmax(primal, dim) * tangent).sum(dim, keepdim=keepdim)
-    return _with_tangent(output, output_tangent)
+    # exp(x - logsumexp(x)) is the softmax over ``dim``, one or several dimensions.
+    weights = (primal - torch.logsumexp(primal, dim, keepdim=True)).exp()
+    return _with_tangent(output, (weights * tangent).sum(dim, keepdim=keepdim))
 
 
 def _attention(
@@ -138,20 +145,43 @@ def _attention(
     return _softmax(scores, -1) @ value
 
 
+def _refuse_multi_head_attention(*args, **kwargs):
+    raise NotImplementedError(
+        "method='forward_mode' does not run nn.MultiheadAttention (PyTorch's fused "
+        "multi-head attention hides its softmax from GradMask); use method='exact' "
+        "with the math attention kernel: with torch.nn.attention.sdpa_kernel("
+        "torch.nn.attention.SDPBackend.MATH): ..."
+    )
+
+
 _RECOMPOSED = {
     F.batch_norm: _batch_norm,
+    torch.batch_norm: lambda input, weight, bias, running_mean, running_var, training, momentum, eps,
+    cudnn_enabled=True: _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
     F.instance_norm: _instance_norm,
+    torch.instance_norm: lambda input, weight, bias, running_mean, running_var, use_input_stats, momentum,
+    eps, cudnn_enabled=True: _instance_norm(
+        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
+    ),
     F.layer_norm: _layer_norm,
+    torch.layer_norm: lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True:
+    _layer_norm(input, normalized_shape, weight, bias, eps),
     F.group_norm: _group_norm,
-    F.softmax: lambda input, dim=None, _stacklevel=3, dtype=None: _softmax(input, dim, dtype),
+    F.softmax: lambda input, dim=None, _stacklevel=3, dtype=None: _softmax(input, dim, dtype, _stacklevel + 1),
+    F.softmin: lambda input, dim=None, _stacklevel=3, dtype=None: _softmax(-input, dim, dtype, _stacklevel + 1),
     torch.softmax: _softmax,
+    torch.special.softmax: _softmax,
     Tensor.softmax: _softmax,
-    F.log_softmax: lambda input, dim=None, _stacklevel=3, dtype=None: _log_softmax(input, dim, dtype),
+    F.log_softmax: lambda input, dim=None, _stacklevel=3, dtype=None: _log_softmax(
+        input, dim, dtype, _stacklevel + 1
+    ),
     torch.log_softmax: _log_softmax,
+    torch.special.log_softmax: _log_softmax,
     Tensor.log_softmax: _log_softmax,
     torch.logsumexp: _logsumexp,
     Tensor.logsumexp: _logsumexp,
     F.scaled_dot_product_attention: _attention,
+    F.multi_head_attention_forward: _refuse_multi_head_attention,
 }
 
 

@@ -2,6 +2,7 @@
 the saliency objective s_b of each variant, the expected-gradients path points, the
 mask dilation, the norms and the reduction over examples."""
 
+import numbers
 from typing import Callable, Optional, Tuple, Union
 
 import torch
@@ -74,17 +75,19 @@ def _check_logits(outputs: object, batch_size: int) -> None:
 def _target_index(
     target: object, batch_size: int, n_classes: int, device: torch.device, variant: str
 ) -> Tensor:
-    if variant == "target" and (target is None or isinstance(target, int)):
+    if variant == "target" and (target is None or isinstance(target, numbers.Integral)):
         raise ValueError(
             "variant='target' needs per-example labels: pass target as a Tensor or "
             f"list of {batch_size} class indices, got {target!r}"
         )
-    if is_int(target):
+    if isinstance(target, Tensor) and target.dim() == 0 and not target.dtype.is_floating_point:
+        target = int(target)  # one class for every example, as Captum takes it
+    if isinstance(target, numbers.Integral) and not isinstance(target, bool):
         if not 0 <= target < n_classes:
             raise ValueError(f"target must be in [0, {n_classes}), got {target}")
-        return torch.full((batch_size,), target, dtype=torch.long, device=device)
+        return torch.full((batch_size,), int(target), dtype=torch.long, device=device)
     if isinstance(target, (list, tuple)):
-        target = torch.tensor(target, dtype=torch.long, device=device)
+        target = torch.tensor(target, device=device)  # floats stay floats, and are refused
     if not isinstance(target, Tensor) or target.dtype.is_floating_point or target.dtype == torch.bool:
         raise TypeError(f"target must be an int or integer labels (N,), got {target!r}")
     if target.shape != (batch_size,):
@@ -111,6 +114,13 @@ def check_baselines(baselines: BaselinesLike, inputs: Tensor) -> None:
         raise TypeError(f"baselines must have the inputs' dtype {inputs.dtype}, got {baselines.dtype}")
     if baselines.device != inputs.device:
         raise ValueError(f"baselines is on {baselines.device} but inputs are on {inputs.device}")
+    memory = baselines.untyped_storage().data_ptr()
+    if memory != 0 and memory == inputs.untyped_storage().data_ptr():  # 0: no memory (meta)
+        raise ValueError(
+            "baselines shares memory with the inputs: drawn from the batch itself, an "
+            "example's reference can be the example (a zero penalty). Pass other "
+            "reference images, e.g. healthy scans, or leave baselines=None"
+        )
     per_example_shape = tuple(inputs.shape[1:])
     is_pool = baselines.dim() == inputs.dim() and tuple(baselines.shape[1:]) == per_example_shape
     broadcasts = baselines.dim() < inputs.dim() or baselines.shape[0] == 1

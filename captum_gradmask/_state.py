@@ -1,13 +1,10 @@
 """Context managers that put back what a call changed on the caller's objects."""
 
 import contextlib
-import functools
-import inspect
-import types
-from typing import Callable, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 
 @contextlib.contextmanager
@@ -37,72 +34,46 @@ def preserved_training_modes(module: torch.nn.Module) -> Iterator[None]:
             submodule.training = mode
 
 
-# Containers are searched this far: a model sits near the top, not in a data set.
-_MOST_ITEMS = 64
+class ModulesRun:
+    """The modules a forward function runs, recorded by a global forward pre-hook
+    during its first pass, each with its buffers as they were just before it ran.
 
-
-def modules_of(forward_func: Callable) -> List[nn.Module]:
-    """The modules ``forward_func`` runs: itself if it is a module, else the modules
-    it reaches as a bound method, a ``functools.partial``, through its closure, its
-    defaults, the globals its code names, or the attributes of the objects these
-    hold (``lambda x: self.model(x)``), a few levels deep.
-
-    A lambda around a model (``lambda x: model(x)[0]``) thus gets the same
-    BatchNorm and random-state handling as the model itself.
+    A lambda, a partial or an object around a model (``lambda x: model(x)[0]``)
+    thus gets the same BatchNorm and random-state handling as the model itself, and
+    later passes can start from the buffers the first pass started from.
     """
-    found: List[nn.Module] = []
-    seen: set = set()
 
-    def visit(value: object, depth: int) -> None:
-        if id(value) in seen or depth > 4:
+    def __init__(self) -> None:
+        self.modules: List[nn.Module] = []
+        self._initial_buffers: Dict[int, Dict[str, Tensor]] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        # A torch.compile'd module warns (once) that global hooks fire for it too;
+        # silencing that here would reset Python's once-per-call-site warnings.
+        handle = nn.modules.module.register_module_forward_pre_hook(self._record)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def _record(self, module: nn.Module, args: object) -> None:
+        if torch.compiler.is_compiling():  # a compiled module is recorded whole, below
             return
-        seen.add(id(value))
-        if isinstance(value, nn.Module):
-            found.append(value)
-        elif isinstance(value, (list, tuple)):
-            for item in value[:_MOST_ITEMS]:
-                visit(item, depth + 1)
-        elif isinstance(value, dict):
-            for item in list(value.values())[:_MOST_ITEMS]:
-                visit(item, depth + 1)
-        elif callable(value):
-            for reached in _reached_by_callable(value):
-                visit(reached, depth + 1)
-        elif hasattr(value, "__dict__") and not isinstance(value, (types.ModuleType, torch.Tensor)):
-            for item in list(vars(value).values())[:_MOST_ITEMS]:
-                visit(item, depth + 1)
+        inside = module.modules() if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else [module]
+        for submodule in inside:
+            if id(submodule) not in self._initial_buffers:
+                self.modules.append(submodule)
+                self._initial_buffers[id(submodule)] = {
+                    name: buffer.detach().clone()
+                    for name, buffer in submodule._buffers.items()
+                    if buffer is not None
+                }
 
-    visit(forward_func, 0)
-    return found
-
-
-def _reached_by_callable(func: object) -> List[object]:
-    if isinstance(func, functools.partial):
-        return [func.func, *func.args, *func.keywords.values()]
-    if inspect.ismethod(func):
-        return [func.__self__, func.__func__]
-    if inspect.isfunction(func):
-        code_names = _names_in_code(func.__code__)
-        cells = [cell.cell_contents for cell in func.__closure__ or () if _cell_is_set(cell)]
-        named_globals = [func.__globals__[name] for name in code_names if name in func.__globals__]
-        return [*cells, *(func.__defaults__ or ()), *named_globals]
-    if inspect.isbuiltin(func) or inspect.isclass(func):
-        return []
-    return list(getattr(func, "__dict__", {}).values())
-
-
-def _names_in_code(code) -> List[str]:
-    """Global names used by ``code`` and by the functions defined inside it."""
-    nested = [const for const in code.co_consts if inspect.iscode(const)]
-    return [*code.co_names, *(name for inner in nested for name in _names_in_code(inner))]
-
-
-def _cell_is_set(cell) -> bool:
-    try:
-        cell.cell_contents
-    except ValueError:  # a closure variable not yet assigned
-        return False
-    return True
+    def initial_buffers(self) -> Iterator[Tuple[nn.Module, str, Tensor]]:
+        for module in self.modules:
+            for name, value in self._initial_buffers[id(module)].items():
+                yield module, name, value
 
 
 def training_batch_norms(modules: Sequence[nn.Module]) -> List[nn.Module]:
@@ -154,21 +125,17 @@ class ReplayableRandomState:
 
 
 @contextlib.contextmanager
-def preserved_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
-    """Extra forward passes must not update BatchNorm running statistics twice.
+def initial_buffers_in_place(run: ModulesRun) -> Iterator[None]:
+    """Later passes run on copies of the buffers as they were before the first
+    pass: the first pass has updated the originals (BatchNorm statistics, a spectral
+    norm's power iteration), and later passes must neither see nor repeat that.
 
-    They run on copies of the buffers and the originals are put back untouched:
-    restoring them in place would break the backward of the graphs that saved them
-    (BatchNorm saves its running statistics for backward)."""
-    originals = [
-        (module, name, buffer)
-        for root in modules
-        for module in root.modules()
-        for name, buffer in module._buffers.items()
-        if buffer is not None
-    ]
-    for module, name, buffer in originals:
-        module._buffers[name] = buffer.clone()
+    The originals are put back untouched afterwards: restoring them in place would
+    break the backward of the graphs that saved them (BatchNorm saves its running
+    statistics for backward)."""
+    originals = [(module, name, module._buffers[name]) for module, name, _ in run.initial_buffers()]
+    for module, name, value in run.initial_buffers():
+        module._buffers[name] = value.clone()
     try:
         yield
     finally:
@@ -177,22 +144,15 @@ def preserved_buffers(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def state_restored_on_error(
-    modules: Sequence[nn.Module], rng: ReplayableRandomState
-) -> Iterator[None]:
-    """A call that fails after the first forward pass (on a target out of range, or
-    the model raising) leaves BatchNorm running statistics and the random state as
-    they were."""
-    saved = [
-        (buffer, buffer.clone())
-        for module in training_batch_norms(modules)
-        for buffer in module.buffers(recurse=False)
-    ]
+def state_restored_on_error(run: ModulesRun, rng: ReplayableRandomState) -> Iterator[None]:
+    """A call that fails after its first forward pass (on a target out of range, or
+    the model raising) leaves every buffer the pass updated (BatchNorm and
+    InstanceNorm statistics) and the random state as they were."""
     try:
         yield
     except BaseException:
         with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
+            for module, name, value in run.initial_buffers():
+                module._buffers[name].copy_(value)
         rng.restore()
         raise

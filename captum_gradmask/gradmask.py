@@ -37,9 +37,9 @@ from captum_gradmask._saliency_objective import (
     saliency_objective,
 )
 from captum_gradmask._state import (
+    ModulesRun,
     ReplayableRandomState,
-    modules_of,
-    preserved_buffers,
+    initial_buffers_in_place,
     state_restored_on_error,
     training_batch_norms,
 )
@@ -198,7 +198,7 @@ def gradmask_penalty(
     GroupNorm, or BatchNorm in eval mode, for per-example saliency. Running
     statistics are updated once per call, by the forward at the inputs. A call that
     raises changes neither them nor the random state. A function that is not a
-    module gets the same handling for the modules it closes over.
+    module gets the same handling for the modules it runs.
 
     Examples::
 
@@ -221,19 +221,15 @@ def gradmask_penalty(
     _check_mask(mask, inputs)
     example_weight = _example_weight(has_mask, inputs)
     check_baselines(options.baselines, inputs)
-    modules = modules_of(forward_func)
-    _check_method_runs_compiled_models(modules, options.method)
-    _warn_on_coupled_batch_norm(modules)
-    if options.method == "finite_difference":
-        warn_if_finite_difference_is_inexact(modules, inputs.dtype)
+    _check_method_runs_compiled_models([forward_func], options.method)
 
     lesion_region = dilate(mask.to(inputs.dtype), options.dilate)
     extra_args = _format_additional_forward_args(additional_forward_args) or ()
-    rng = ReplayableRandomState(inputs.device)
+    rng, run = ReplayableRandomState(inputs.device), ModulesRun()
     grad_was_enabled = torch.is_grad_enabled()
-    with torch.enable_grad(), state_restored_on_error(modules, rng):
+    with torch.enable_grad(), state_restored_on_error(run, rng):
         outputs, penalty = _outputs_and_penalty(
-            forward_func, modules, inputs, lesion_region, example_weight, extra_args, rng, options
+            forward_func, run, inputs, lesion_region, example_weight, extra_args, rng, options
         )
     check_finite_results((outputs, penalty), "the model outputs or the GradMask penalty")
     if not grad_was_enabled:
@@ -243,7 +239,7 @@ def gradmask_penalty(
 
 def _outputs_and_penalty(
     forward_func: Callable[..., Tensor],
-    modules: List[nn.Module],
+    run: ModulesRun,
     inputs: Tensor,
     lesion_region: Tensor,
     example_weight: Tensor,
@@ -253,14 +249,19 @@ def _outputs_and_penalty(
 ) -> GradMaskOutput:
     """The forward passes and the penalty of ``gradmask_penalty``, arguments checked."""
     leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_()
-    outputs = forward_func(leaf, *extra_args)
+    with run.recording():
+        outputs = forward_func(leaf, *extra_args)
+    _check_method_runs_compiled_models(run.modules, options.method)
+    _warn_on_coupled_batch_norm(run.modules)
+    if options.method == "finite_difference":
+        warn_if_finite_difference_is_inexact(run.modules, inputs.dtype)
     objective = saliency_objective(
         outputs, inputs.shape[0], options.variant, options.target, options.contrast_target
     )
     rng.advance_past_first_pass()
 
     def objective_sum_at(points: Tensor) -> Tensor:
-        with rng.replay(), preserved_buffers(modules):
+        with rng.replay(), initial_buffers_in_place(run):
             return objective(forward_func(points, *extra_args)).sum()
 
     if options.saliency == "expected_gradients":
@@ -302,7 +303,7 @@ class GradMask(nn.Module):
     def __init__(self, model: nn.Module, **options: object) -> None:
         super().__init__()
         self.options = GradMaskOptions.from_keywords(options)
-        _check_method_runs_compiled_models(modules_of(model), self.options.method)
+        _check_method_runs_compiled_models([model], self.options.method)
         self.model = model
 
     def forward(

@@ -2,9 +2,12 @@
 other callables around their models, with integer label masks, and on models where
 a method cannot run."""
 
+import copy
 import functools
+import types
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -240,3 +243,166 @@ def test_finite_difference_warns_when_its_quotient_is_off_its_first_order_term(m
     monkeypatch.setattr(directional, "QUOTIENT_TOLERANCE", 0.0)  # any rounding is "off"
     with pytest.warns(UserWarning, match="difference quotient is off its exact first-order term"):
         gradmask_penalty(model, x, mask, method="finite_difference")
+
+
+# --- what an outside review found ---
+
+
+def float32_batch(n=2, side=8):
+    torch.manual_seed(1)
+    x = torch.randn(n, 2, side, side)
+    mask = torch.zeros(n, 1, side, side)
+    mask[..., : side // 2, : side // 2] = 1.0
+    return x, mask
+
+
+class DirectCalls(nn.Module):
+    """Operations called through torch.* and other entry points than nn.functional."""
+
+    def __init__(self, operation):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Linear(4, 3)
+        self.operation = operation
+
+    def forward(self, x):
+        return self.head(self.operation(self.conv(x)))
+
+
+DIRECT_CALLS = {
+    "torch.layer_norm": lambda z: torch.layer_norm(z, [4, 8, 8]).relu().mean((2, 3)),
+    "torch.batch_norm, training": lambda z: torch.batch_norm(
+        z, None, None, None, None, True, 0.1, 1e-5, False
+    ).relu().mean((2, 3)),
+    "torch.instance_norm": lambda z: torch.instance_norm(
+        z, None, None, None, None, True, 0.1, 1e-5, False
+    ).relu().mean((2, 3)),
+    "F.softmin": lambda z: (torch.nn.functional.softmin(z.flatten(2), dim=-1) * z.flatten(2)).sum(-1),
+    "nn.Softmax() without dim": lambda z: nn.Softmax()(z.flatten(2).mean(-1)),
+    "torch.special.softmax": lambda z: torch.special.softmax(z.mean((2, 3)), 1),
+    "logsumexp over two dims": lambda z: torch.logsumexp(z, dim=(2, 3)),
+}
+
+
+@pytest.mark.parametrize("name", DIRECT_CALLS)
+def test_forward_mode_equals_exact_on_operations_called_directly(name):
+    model = DirectCalls(DIRECT_CALLS[name])
+    x, mask = float32_batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # nn.Softmax() without dim
+        torch.manual_seed(0)
+        exact = gradmask_penalty(model, x, mask, target=2).penalty
+        torch.manual_seed(0)
+        forward = gradmask_penalty(model, x, mask, target=2, method="forward_mode").penalty
+    assert relative_error(
+        parameter_gradients(forward, model), parameter_gradients(exact, model)
+    ) <= 1e-4
+
+
+def test_forward_mode_refuses_multi_head_attention_naming_what_works():
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            tokens = x.reshape(x.shape[0], 16, 8)
+            return self.head(self.attention(tokens, tokens, tokens)[0].mean(1))
+
+    x, mask = float32_batch()
+    with pytest.raises(NotImplementedError, match="^method='forward_mode' does not run nn.MultiheadAttention.*SDPBackend.MATH"):
+        gradmask_penalty(Attention(), x, mask, target=2, method="forward_mode")
+
+
+@pytest.mark.parametrize("layer, method", [(nn.GLU(1), "forward_mode"), (nn.Hardsigmoid(), "exact")])
+def test_an_operation_whose_backward_cannot_run_is_refused_at_the_call(layer, method):
+    channels = 8 if isinstance(layer, nn.GLU) else 4
+    model = nn.Sequential(nn.Conv2d(2, channels, 3, padding=1), layer, nn.Flatten(), nn.LazyLinear(3))
+    x, mask = float32_batch()
+    model(x)
+    with pytest.raises((NotImplementedError, RuntimeError), match=f"^method='{method}' needs the"):
+        gradmask_penalty(model, x, mask, target=2, method=method)
+
+
+def test_exact_refuses_a_once_differentiable_function_at_the_call():
+    class Swish(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * torch.sigmoid(x)
+
+        @staticmethod
+        @torch.autograd.function.once_differentiable
+        def backward(ctx, grad):
+            (x,) = ctx.saved_tensors
+            s = torch.sigmoid(x)
+            return grad * (s + x * s * (1 - s))
+
+    conv, head = nn.Conv2d(2, 4, 3, padding=1), nn.Linear(4, 3)
+    x, mask = float32_batch()
+    with pytest.raises(RuntimeError, match="^method='exact' needs the double backward.*once_differentiable"):
+        gradmask_penalty(lambda z: head(Swish.apply(conv(z)).mean((2, 3))), x, mask, target=2)
+
+
+def test_replayed_passes_start_from_the_buffers_the_first_pass_started_from():
+    # spectral_norm updates its power-iteration vector in every training forward.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.utils.spectral_norm(nn.Conv2d(2, 4, 3, padding=1)), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 3),
+    ).train()
+    twin = copy.deepcopy(model)
+    x, mask = float32_batch()
+    exact = gradmask_penalty(model, x, mask, target=2).penalty
+    forward = gradmask_penalty(twin, x, mask, target=2, method="forward_mode").penalty
+    assert relative_error(parameter_gradients(forward, twin), parameter_gradients(exact, model)) <= 1e-4
+    for ours, theirs in zip(model.buffers(), twin.buffers()):
+        assert torch.equal(ours, theirs)  # one power iteration per call, with either method
+
+
+def test_batch_norm_reached_through_a_module_attribute_updates_once():
+    holder = types.ModuleType("holder")
+    holder.net = bn_dropout_cnn()
+    twin = copy.deepcopy(holder.net)
+    x, mask = lesion_batch()
+    with pytest.warns(UserWarning, match="BatchNorm in training mode"):
+        gradmask_penalty(lambda z: holder.net(z), x, mask, method="forward_mode")
+    torch.manual_seed(0)
+    twin(x)
+    for ours, theirs in zip(holder.net.buffers(), twin.buffers()):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_failing_call_leaves_instance_norm_statistics_unchanged():
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.InstanceNorm2d(4, track_running_stats=True), nn.Tanh(),
+        nn.Flatten(), nn.Linear(4 * 6 * 6, 2),
+    ).double().train()
+    x, mask = lesion_batch()
+    saved = [b.clone() for b in model.buffers()]
+    with pytest.raises(ValueError, match="^target must be in"):
+        gradmask_penalty(model, x, mask, target=7)
+    assert all(torch.equal(b, s) for b, s in zip(model.buffers(), saved))
+
+
+def test_baselines_that_are_the_inputs_are_refused():
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    with pytest.raises(ValueError, match="^baselines shares memory with the inputs"):
+        gradmask_penalty(model, x, mask, saliency="expected_gradients", baselines=x)
+
+
+@pytest.mark.parametrize("target", [np.int64(1), torch.tensor(1)])
+def test_integer_targets_of_numpy_and_zero_dim_tensors_are_taken(target):
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    expected = gradmask_penalty(model, x, mask, target=1).penalty
+    assert torch.equal(gradmask_penalty(model, x, mask, target=target).penalty, expected)
+
+
+def test_float_per_example_targets_are_refused():
+    model = bn_dropout_cnn(training=False)
+    x, mask = lesion_batch()
+    with pytest.raises(TypeError, match="^target must be an int or integer labels"):
+        gradmask_penalty(model, x, mask, variant="target", target=[1.7, 0.2])

@@ -190,3 +190,21 @@ def test_unveiling_refines_a_compiled_models_attributions(device):
     assert torch.equal(compiled.masks, eager.masks)
     torch.testing.assert_close(compiled.scores, eager.scores)
     torch.testing.assert_close(compiled.attributions, eager.attributions)
+
+
+@pytest.mark.parametrize("precision, dtype", PRECISIONS)
+def test_forward_mode_with_affine_normalisation(device, precision, dtype):
+    # The tangents written out for normalisation layers are scaled by float32 weights
+    # under autocast; they must come back in the output's dtype.
+    cast, context = low_precision(device, precision, dtype)
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.ReLU(),
+        nn.Flatten(), nn.Linear(4 * 8 * 8, 3),
+    ).to(device).eval()
+    x = torch.randn(4, 2, 8, 8, device=device)
+    mask = torch.zeros(4, 1, 8, 8, device=device)
+    mask[..., :4, :4] = 1
+    _, reference_gradient = penalty_and_gradient(copy.deepcopy(model), x, mask, "exact", contextlib.nullcontext())
+    _, gradient = penalty_and_gradient(cast(model), cast(x), mask, "forward_mode", context)
+    assert relative_error(gradient, reference_gradient) < GRADIENT_TOLERANCE["forward_mode"]
