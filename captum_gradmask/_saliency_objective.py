@@ -114,13 +114,6 @@ def check_baselines(baselines: BaselinesLike, inputs: Tensor) -> None:
         raise TypeError(f"baselines must have the inputs' dtype {inputs.dtype}, got {baselines.dtype}")
     if baselines.device != inputs.device:
         raise ValueError(f"baselines is on {baselines.device} but inputs are on {inputs.device}")
-    memory = baselines.untyped_storage().data_ptr()
-    if memory != 0 and memory == inputs.untyped_storage().data_ptr():  # 0: no memory (meta)
-        raise ValueError(
-            "baselines shares memory with the inputs: drawn from the batch itself, an "
-            "example's reference can be the example (a zero penalty). Pass other "
-            "reference images, e.g. healthy scans, or leave baselines=None"
-        )
     per_example_shape = tuple(inputs.shape[1:])
     is_pool = baselines.dim() == inputs.dim() and tuple(baselines.shape[1:]) == per_example_shape
     broadcasts = baselines.dim() < inputs.dim() or baselines.shape[0] == 1
@@ -130,7 +123,26 @@ def check_baselines(baselines: BaselinesLike, inputs: Tensor) -> None:
             f"(1, {', '.join(map(str, per_example_shape))}) or fewer dims), or be reference "
             f"images (M, {', '.join(map(str, per_example_shape))}); got {tuple(baselines.shape)}"
         )
+    if _memory_overlaps(baselines, inputs):
+        raise ValueError(
+            "baselines shares memory with the inputs: drawn from the batch itself, an "
+            "example's reference can be the example (a zero penalty). Pass other "
+            "reference images, e.g. healthy scans, or leave baselines=None"
+        )
     check_values(lambda: torch.isfinite(baselines), "baselines holds NaN or Inf; expected finite values")
+
+
+def _memory_overlaps(first: Tensor, second: Tensor) -> bool:
+    """Whether the two tensors' elements lie in overlapping memory (two slices of
+    one big tensor may share storage without sharing elements)."""
+
+    def extent(tensor: Tensor) -> Tuple[int, int]:
+        last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride()))
+        return tensor.data_ptr(), tensor.data_ptr() + (last + 1) * tensor.element_size()
+
+    (first_start, first_end), (second_start, second_end) = extent(first), extent(second)
+    has_memory = first_start != 0 and second_start != 0  # meta tensors have none
+    return has_memory and first_start < second_end and second_start < first_end
 
 
 def _broadcasts_to(tensor: Tensor, inputs: Tensor) -> bool:

@@ -406,3 +406,12 @@ def test_float_per_example_targets_are_refused():
     x, mask = lesion_batch()
     with pytest.raises(TypeError, match="^target must be an int or integer labels"):
         gradmask_penalty(model, x, mask, variant="target", target=[1.7, 0.2])
+
+
+def test_reference_images_sliced_from_the_tensor_of_the_inputs_are_taken():
+    model = bn_dropout_cnn(training=False)
+    images = torch.randn(6, 1, 6, 6, dtype=torch.float64)
+    x, references = images[:2], images[2:]  # one storage, no shared element
+    mask = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
+    penalty = gradmask_penalty(model, x, mask, saliency="expected_gradients", baselines=references).penalty
+    assert penalty > 0
