@@ -35,12 +35,14 @@ def preserved_training_modes(module: torch.nn.Module) -> Iterator[None]:
 
 
 class ModulesRun:
-    """The modules a forward function runs, recorded by a global forward pre-hook
-    during its first pass, each with its buffers as they were just before it ran.
+    """The modules a forward function runs, each with its buffers as they were just
+    before it ran: all of a module's submodules, or for any other callable (a lambda,
+    a partial, an object around a model) those a global forward pre-hook sees run
+    during its first pass.
 
-    A lambda, a partial or an object around a model (``lambda x: model(x)[0]``)
-    thus gets the same BatchNorm and random-state handling as the model itself, and
-    later passes can start from the buffers the first pass started from.
+    A lambda around a model (``lambda x: model(x)[0]``) thus gets the same BatchNorm
+    and random-state handling as the model itself, and later passes can start from
+    the buffers the first pass started from.
     """
 
     def __init__(self) -> None:
@@ -48,27 +50,31 @@ class ModulesRun:
         self._initial_buffers: Dict[int, Dict[str, Tensor]] = {}
 
     @contextlib.contextmanager
-    def recording(self) -> Iterator[None]:
-        # A torch.compile'd module warns (once) that global hooks fire for it too;
-        # silencing that here would reset Python's once-per-call-site warnings.
-        handle = nn.modules.module.register_module_forward_pre_hook(self._record)
+    def recording(self, forward_func: object) -> Iterator[None]:
+        if isinstance(forward_func, nn.Module):  # known without a hook, which would
+            self._record(forward_func)  # make torch.compile recompile at every call
+            yield
+            return
+        handle = nn.modules.module.register_module_forward_pre_hook(self._on_forward)
         try:
             yield
         finally:
             handle.remove()
 
-    def _record(self, module: nn.Module, args: object) -> None:
-        if torch.compiler.is_compiling():  # a compiled module is recorded whole, below
-            return
-        inside = module.modules() if isinstance(module, torch._dynamo.eval_frame.OptimizedModule) else [module]
-        for submodule in inside:
-            if id(submodule) not in self._initial_buffers:
-                self.modules.append(submodule)
-                self._initial_buffers[id(submodule)] = {
-                    name: buffer.detach().clone()
-                    for name, buffer in submodule._buffers.items()
-                    if buffer is not None
-                }
+    def _on_forward(self, module: nn.Module, args: object) -> None:
+        if not torch.compiler.is_compiling():  # a compiled module is recorded whole
+            self._record(module)
+
+    def _record(self, module: nn.Module) -> None:
+        for submodule in module.modules():
+            if id(submodule) in self._initial_buffers:
+                continue
+            self.modules.append(submodule)
+            self._initial_buffers[id(submodule)] = {
+                name: buffer.detach().clone()
+                for name, buffer in submodule._buffers.items()
+                if buffer is not None
+            }
 
     def initial_buffers(self) -> Iterator[Tuple[nn.Module, str, Tensor]]:
         for module in self.modules:

@@ -249,7 +249,7 @@ def _outputs_and_penalty(
 ) -> GradMaskOutput:
     """The forward passes and the penalty of ``gradmask_penalty``, arguments checked."""
     leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_()
-    with run.recording():
+    with run.recording(forward_func):
         outputs = forward_func(leaf, *extra_args)
     _check_method_runs_compiled_models(run.modules, options.method)
     _warn_on_coupled_batch_norm(run.modules)
