@@ -12,8 +12,9 @@ g = d S / d points of a summed saliency objective S.
   difference quotient (Finlay & Oberman 2019). Its first-order term v . g is known
   exactly, so each call checks the quotient against it.
 
-Each returns the penalty: the value of R at the exact g, with the parameter gradient
-of its method.
+Each returns the penalty, the value of R at the exact g with the parameter gradient
+of its method, and the model outputs at the points when it computed them with their
+graph (forward_mode: its dual pass), else None.
 """
 
 from typing import Callable, List, NamedTuple, Tuple
@@ -45,28 +46,30 @@ PIECEWISE_LINEAR_LAYERS = (
 
 
 class SaliencyProblem(NamedTuple):
-    """``objective_sum_at(points)``: S at other points, by a forward pass that replays
-    the first pass's random state and leaves buffers alone. ``points``: where g is
-    taken. ``objective_sum``: S at ``points``, with its graph. ``penalty_of``: g -> R.
-    ``track_points``: whether the points are the caller's inputs, whose own gradient
-    the penalty should carry."""
+    """``objective_sum_at(points)``: S and the model outputs at other points, by a
+    forward pass that replays the first pass's random state and buffers.
+    ``points``: where g is taken. ``objective_sum``: S at ``points``, with its graph.
+    ``penalty_of``: g -> R. ``track_points``: whether the points are the caller's
+    inputs, whose own gradient the penalty should carry."""
 
-    objective_sum_at: Callable[[Tensor], Tensor]
+    objective_sum_at: Callable[[Tensor], Tuple[Tensor, Tensor]]
     points: Tensor
     objective_sum: Tensor
     penalty_of: Callable[[Tensor], Tensor]
     track_points: bool
 
 
-def exact_penalty(problem: SaliencyProblem) -> Tensor:
+def exact_penalty(problem: SaliencyProblem) -> Tuple[Tensor, None]:
     (gradient,) = torch.autograd.grad(problem.objective_sum, problem.points, create_graph=True)
     penalty = problem.penalty_of(gradient)
     _check_double_backward_exists(penalty)
-    return penalty
+    return penalty, None
 
 
-def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
-    value, direction, _ = _value_and_direction(problem)
+def forward_mode_penalty(problem: SaliencyProblem) -> Tuple[Tensor, Tensor]:
+    # The dual pass also gives the outputs at the points, with their graph: the first
+    # pass's graph need not be kept (a fifth less peak memory).
+    value, direction, _ = _value_and_direction(problem, keep_graph=False)
     origin = problem.points if problem.track_points else problem.points.detach()
     # The tangent is linear in the direction: propagate it at max-norm 1 and scale
     # back. A small direction would otherwise carry subnormal numbers through the
@@ -76,7 +79,9 @@ def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
     try:
         with recomposed_for_forward_mode(), forward_ad.dual_level():
             dual_points = forward_ad.make_dual(origin, unit_direction)
-            tangent = forward_ad.unpack_dual(problem.objective_sum_at(dual_points)).tangent
+            objective_sum, outputs = problem.objective_sum_at(dual_points)
+            tangent = forward_ad.unpack_dual(objective_sum).tangent
+            outputs = forward_ad.unpack_dual(outputs).primal
     except NotImplementedError as error:
         if str(error).startswith("method='forward_mode'"):  # our own refusal says it all
             raise
@@ -87,7 +92,7 @@ def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
             "kernels with neither"
         ) from error
     if tangent is None:  # the objective does not depend on the points
-        return value
+        return value, outputs
     if _has_underivable_node(tangent):
         raise NotImplementedError(
             "method='forward_mode' needs the backward of every operation's tangent, and "
@@ -95,16 +100,16 @@ def forward_mode_penalty(problem: SaliencyProblem) -> Tensor:
             "method='finite_difference' for compiled models"
         )
     tangent = tangent * direction_scale
-    return value + (tangent - tangent.detach())
+    return value + (tangent - tangent.detach()), outputs
 
 
-def finite_difference_penalty(problem: SaliencyProblem) -> Tensor:
-    value, direction, gradient = _value_and_direction(problem)
+def finite_difference_penalty(problem: SaliencyProblem) -> Tuple[Tensor, None]:
+    value, direction, gradient = _value_and_direction(problem, keep_graph=True)
     origin = problem.points if problem.track_points else problem.points.detach()
     quotient, first_order = _difference_quotient(problem, origin, direction, gradient)
     if values_checked():
         _warn_if_untrusted(quotient, first_order)
-    return value + (quotient - quotient.detach())
+    return value + (quotient - quotient.detach()), None
 
 
 METHODS = {
@@ -135,9 +140,9 @@ def warn_if_finite_difference_is_inexact(modules: List[nn.Module], dtype: torch.
         )
 
 
-def _value_and_direction(problem: SaliencyProblem) -> Tuple[Tensor, Tensor, Tensor]:
+def _value_and_direction(problem: SaliencyProblem, keep_graph: bool) -> Tuple[Tensor, Tensor, Tensor]:
     """R at the exact g (no graph), v = dR/dg, and g."""
-    (gradient,) = torch.autograd.grad(problem.objective_sum, problem.points, retain_graph=True)
+    (gradient,) = torch.autograd.grad(problem.objective_sum, problem.points, retain_graph=keep_graph)
     gradient.requires_grad_()
     value = problem.penalty_of(gradient)
     (direction,) = torch.autograd.grad(value, gradient)
@@ -162,7 +167,7 @@ def _difference_quotient(
     step = eps ** (1 / 2) * points.detach().abs().amax().clamp_min(1)
     direction_scale = direction.abs().amax()
     unit_direction = direction / direction_scale.clamp_min(torch.finfo(points.dtype).tiny)
-    shifted_value = problem.objective_sum_at(origin + step * unit_direction)
+    shifted_value, _ = problem.objective_sum_at(origin + step * unit_direction)
     quotient = (shifted_value - objective_sum) / step * direction_scale
     first_order = (direction * gradient).sum()
     return quotient, first_order

@@ -16,7 +16,7 @@ Saliency", MIDL 2019. For each example b with a mask:
 
 import dataclasses
 import inspect
-from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -260,14 +260,15 @@ def _outputs_and_penalty(
     )
     rng.advance_past_first_pass()
 
-    def objective_sum_at(points: Tensor) -> Tensor:
+    def objective_sum_at(points: Tensor) -> Tuple[Tensor, Tensor]:
         with rng.replay(), initial_buffers_in_place(run):
-            return objective(forward_func(points, *extra_args)).sum()
+            outputs_at_points = forward_func(points, *extra_args)
+        return objective(outputs_at_points).sum(), outputs_at_points
 
     if options.saliency == "expected_gradients":
         references = reference_inputs(inputs.detach(), options.baselines, lesion_region)
         points, scale = path_points(inputs.detach(), references)
-        objective_sum = objective_sum_at(points)
+        objective_sum, _ = objective_sum_at(points)
     else:
         points, objective_sum = leaf, objective(outputs).sum()
         scale = inputs.detach() if options.saliency == "input_x_gradient" else None
@@ -276,7 +277,10 @@ def _outputs_and_penalty(
         1 - lesion_region, scale, example_weight, options.norm, options.reduction
     )
     problem = SaliencyProblem(objective_sum_at, points, objective_sum, penalty_of, points is inputs)
-    return GradMaskOutput(outputs, METHODS[options.method](problem))
+    penalty, outputs_at_points = METHODS[options.method](problem)
+    if outputs_at_points is not None and points is leaf:  # the same outputs, a newer graph
+        outputs = outputs_at_points
+    return GradMaskOutput(outputs, penalty)
 
 
 class GradMask(nn.Module):
