@@ -30,7 +30,7 @@ SIDE = 6
 # the ranks, which equals the mean over the whole batch only because every rank has
 # the same number of examples and of masked examples.
 LABELS = torch.tensor([1, 0, 1, 0, 0, 1, 1, 0])
-TOLERANCE = {"exact": 1e-9, "finite_difference": 1e-4}
+TOLERANCE = {"exact": 1e-9, "forward_mode": 1e-9, "finite_difference": 1e-4}
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "train_gradmask_ddp.py"
 
 
