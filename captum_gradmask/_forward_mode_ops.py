@@ -154,27 +154,48 @@ def _refuse_multi_head_attention(*args, **kwargs):
     )
 
 
+# torch.* spellings of the same operations, with their own argument orders.
+def _torch_batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled=True):
+    return _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _torch_instance_norm(
+    input, weight, bias, running_mean, running_var, use_input_stats, momentum, eps, cudnn_enabled=True
+):
+    return _instance_norm(input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps)
+
+
+def _torch_layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    return _layer_norm(input, normalized_shape, weight, bias, eps)
+
+
+# nn.functional spellings, which take a _stacklevel for the implicit-dim warning.
+def _functional_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    return _softmax(input, dim, dtype, _stacklevel + 1)
+
+
+def _functional_softmin(input, dim=None, _stacklevel=3, dtype=None):
+    return _softmax(-input, dim, dtype, _stacklevel + 1)
+
+
+def _functional_log_softmax(input, dim=None, _stacklevel=3, dtype=None):
+    return _log_softmax(input, dim, dtype, _stacklevel + 1)
+
+
 _RECOMPOSED = {
     F.batch_norm: _batch_norm,
-    torch.batch_norm: lambda input, weight, bias, running_mean, running_var, training, momentum, eps,
-    cudnn_enabled=True: _batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps),
+    torch.batch_norm: _torch_batch_norm,
     F.instance_norm: _instance_norm,
-    torch.instance_norm: lambda input, weight, bias, running_mean, running_var, use_input_stats, momentum,
-    eps, cudnn_enabled=True: _instance_norm(
-        input, running_mean, running_var, weight, bias, use_input_stats, momentum, eps
-    ),
+    torch.instance_norm: _torch_instance_norm,
     F.layer_norm: _layer_norm,
-    torch.layer_norm: lambda input, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True:
-    _layer_norm(input, normalized_shape, weight, bias, eps),
+    torch.layer_norm: _torch_layer_norm,
     F.group_norm: _group_norm,
-    F.softmax: lambda input, dim=None, _stacklevel=3, dtype=None: _softmax(input, dim, dtype, _stacklevel + 1),
-    F.softmin: lambda input, dim=None, _stacklevel=3, dtype=None: _softmax(-input, dim, dtype, _stacklevel + 1),
+    F.softmax: _functional_softmax,
+    F.softmin: _functional_softmin,
     torch.softmax: _softmax,
     torch.special.softmax: _softmax,
     Tensor.softmax: _softmax,
-    F.log_softmax: lambda input, dim=None, _stacklevel=3, dtype=None: _log_softmax(
-        input, dim, dtype, _stacklevel + 1
-    ),
+    F.log_softmax: _functional_log_softmax,
     torch.log_softmax: _log_softmax,
     torch.special.log_softmax: _log_softmax,
     Tensor.log_softmax: _log_softmax,
