@@ -619,6 +619,8 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--workers", type=int, default=2, help="processes on the CPU (default: 2)")
     parser.add_argument("--out-dir", default="outputs", help="default: outputs (docs/ holds the committed run)")
+    parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
+                        help=f"run only these data sets (default: all): {[d.name for d in DATASETS]}")
     parser.add_argument("--only-mask-shares", action="store_true",
                         help="run only the mask-share sweep (merge it with the main run by --from-results)")
     parser.add_argument("--from-results", default=None, nargs="+", metavar="JSON",
@@ -633,6 +635,11 @@ def main():
     n_seeds = args.seeds or (2 if args.quick else 20)
     datasets, sizes, methods = DATASETS, TRAIN_SIZES, METHODS
     shares = tuple(args.mask_shares) if args.mask_shares is not None else (() if args.quick else MASK_SHARES)
+    if args.datasets:
+        unknown = sorted(set(args.datasets) - {d.name for d in DATASETS})
+        if unknown:
+            parser.error(f"unknown data set {unknown[0]!r}; choose from {[d.name for d in DATASETS]}")
+        datasets = [d for d in DATASETS if d.name in args.datasets]
     if args.quick:
         datasets, sizes = [DATASETS[0]], (64,)
         methods = [METHODS[0], next(m for m in METHODS if m.name == RECOMMENDED)]
