@@ -478,13 +478,18 @@ for the earlier CNN); brain slices 2 seeds.
 """
 
 
+def swept_datasets(results, datasets):
+    """The data sets with results of the mask-share sweep."""
+    return [d for d in datasets if any(r.dataset == d.name and r.mask_share < 1.0 for r in results)]
+
+
 def mask_share_table(results, datasets, sizes, shares):
     """Markdown table: test AUC of the recommended method as fewer images keep a mask."""
     header = "| data set | images with a mask | " + " | ".join(
         f"n={n} test AUC | n={n} p vs baseline" for n in sizes) + " |"
     lines = [header, "|" + " --- |" * (2 + 2 * len(sizes))]
     for dataset in datasets:
-        if dataset.name not in MASK_SWEEP_DATASETS:
+        if dataset not in swept_datasets(results, datasets):
             continue
         cells = [f"{mean_sd(values(results, dataset.name, n, 'baseline'))} | " for n in sizes]
         lines.append(f"| {dataset.name} | none (baseline) | " + " | ".join(cells) + " |")
@@ -501,7 +506,7 @@ def mask_share_table(results, datasets, sizes, shares):
 def save_mask_share_figure(path, results, datasets, sizes, shares):
     """Test AUC of the recommended method against the share of images with a mask,
     one panel per data set, the baseline as a dashed line of the same colour."""
-    swept = [d for d in datasets if d.name in MASK_SWEEP_DATASETS]
+    swept = swept_datasets(results, datasets)
     figure, axes = plt.subplots(1, len(swept), figsize=(5 * len(swept), 3.8), squeeze=False,
                                 layout="constrained")
     all_shares = sorted((1.0, *shares))
@@ -525,7 +530,7 @@ def save_mask_share_figure(path, results, datasets, sizes, shares):
 
 
 def mask_share_section(results, datasets, sizes, shares):
-    if not shares or not any(d.name in MASK_SWEEP_DATASETS for d in datasets):
+    if not shares or not swept_datasets(results, datasets):
         return []
     return [
         "## With fewer masks",
@@ -698,7 +703,7 @@ def write_outputs(out_dir, results, datasets, sizes, methods, shares, protocol, 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_report(out_dir / "results.md", results, datasets, sizes, methods, protocol, elapsed, shares)
     save_figure(out_dir / "results.png", results, datasets, sizes, methods)
-    if shares and any(d.name in MASK_SWEEP_DATASETS for d in datasets):
+    if shares and swept_datasets(results, datasets):
         save_mask_share_figure(out_dir / "results_masks.png", results, datasets, sizes, shares)
         print(mask_share_table(results, datasets, sizes, shares))
     print(table(results, datasets, sizes, methods))
