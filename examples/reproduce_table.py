@@ -409,7 +409,7 @@ for the earlier CNN); brain slices 2 seeds.
   decoyed baseline, never on a GradMask score. Now GradMask `contrast` reaches 0.96
   and 0.97 test accuracy (AUC 0.98, 0.99), Ross et al.'s 0.96, a little above the
   clean ceiling: the clean model still sees a random swatch and fits some of it,
-  the penalised one is pushed off it. The baseline scores 0.64 and 0.61, not the
+  the penalised one is pushed off it. The baseline scores 0.64 and 0.60, not the
   paper's 0.52: at 64 images it is 0.01 outside the ±0.1 band this report allows,
   at 128 inside it. The CNN still reads some of the digit beside the swatch; a 5x5
   swatch brought the baseline to 0.48 (3 seeds) but hides more of the digit, and
@@ -419,19 +419,21 @@ for the earlier CNN); brain slices 2 seeds.
   d/dx (log p_0 + log p_1) = (p_1 - p_0) d/dx (z_0 - z_1): the same direction as
   the contrast saliency, scaled by |p_1 - p_0| <= 1. The table shows nearly the
   same numbers for both on Decoy Digits (0.95 to 0.97 accuracy) and on crosses at
-  128 images (0.94); at 64 images RRR is a little lower there (0.88 against 0.91),
+  128 images (0.947 against 0.942); at 64 images RRR is a little lower there (0.88
+  against 0.91),
   through λ and that scale only.
 - **`class` on a 2-logit head.** The `class` variant penalises the input gradient
   of z_1 alone. The softmax only sees z_1 - z_0, so the model can keep reading the
   confounder through z_0, where no penalty looks. On crosses this is a near
   complete failure: test AUC 0.08 and 0.03 (the baseline: 0.00), while `contrast`
   l1 reaches 0.91 and 0.94. On Decoy Digits it is partial: 0.80 and 0.77 accuracy against
-  `contrast`'s 0.96 and 0.97 (the baseline: 0.64, 0.61); the penalty on z_1 slows
+  `contrast`'s 0.96 and 0.97 (the baseline: 0.64, 0.60); the penalty on z_1 slows
   how fast the swatch is picked up without removing it.
 - **Crosses.** The baseline's 0.00 matches the paper. GradMask `contrast` l1
   reaches 0.91 ± 0.02 at 64 images and 0.94 ± 0.01 at 128, above the published
-  0.76 ± 0.04; sq_l2 gives the same, RRR 0.88 and 0.94. No setting reaches 0.95
-  (best: 0.91 at 64 images, 0.94 at 128). What made GradMask work here is the
+  0.76 ± 0.04; sq_l2 gives the same, RRR 0.88 and 0.95 (0.947), expected
+  gradients 0.90 and 0.94. No setting reaches 0.95 (best: 0.91 at 64 images, RRR's
+  0.947 at 128). What made GradMask work here is the
   CNN's first convolution, which has no bias: on the blank background its output
   is exactly 0, where ReLU's derivative is 0, so the input gradient there is
   exactly zero (tests/test_reproduce_table.py checks it) and the penalty only has
@@ -452,14 +454,18 @@ for the earlier CNN); brain slices 2 seeds.
   GradMask 0.87), a mask dilation of 1 pixel (the penalty then reaches the fringe
   that the 3x3 convolution sees around each cross, and the model underfits: 0.09
   to 0.74) or 2 (0.93, as with 3), and 300 or 600 steps (0.93, 0.94). Expected
-  gradients does worst (0.27, 0.19): its baseline is another image of the batch,
-  so x - x' is nonzero on the *other* image's crosses, which lie outside this
-  image's mask, and the penalty punishes the model for reading crosses at all.
+  gradients now takes as its reference each image inside its dilated mask and 0
+  outside (0.90, 0.94). Its earlier reference, another image of the batch, did
+  worst of all (0.27, 0.19 in the previous 20-seed run): x - x' was nonzero on the
+  *other* image's crosses, which lie outside this image's mask, so the penalty
+  punished the model for reading crosses at all (and an image drawn as its own
+  reference got no penalty).
 - **Brain slices** have no published counterpart (our MNI152 construction). The
   confound is now the "zipper" artifact, a dotted column outside every lesion. The
-  baseline reads it alone (test AUC 0.52 at both sizes); GradMask `contrast` sq_l2
-  reaches 0.72 and 0.71 (+0.20 and +0.19, Wilcoxon p = 1.9e-06, every seed
-  better), expected gradients 0.71 and 0.71. The earlier bias field multiplied
+  baseline reads it alone (test AUC 0.52 and 0.53); GradMask `contrast` sq_l2
+  reaches 0.72 and 0.71 (+0.20 and +0.18, Wilcoxon p = 1.9e-06, every seed
+  better), expected gradients with its masked reference 0.76 and 0.74 (the batch
+  reference of the previous run: 0.71 and 0.71). The earlier bias field multiplied
   the whole brain, the lesion included, so part of the confound lived inside the
   mask where GradMask does not penalise: there it moved test AUC by +0.02 and
   -0.05 (12 seeds, not significant). Against the CNN trained without the
