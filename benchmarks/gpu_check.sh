@@ -9,7 +9,7 @@ PYTHON=${PYTHON:-$PWD/.venv/bin/python}
 status=0
 run() { echo "+ $*"; "$@" || status=1; }
 
-run "$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())"
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name())" || exit 1
 run "$PYTHON" -m pytest -q --device cuda -k "cuda" -p no:cacheprovider
 (cd benchmarks &&
   run "$PYTHON" bench_gradmask.py --quick --device cuda &&
