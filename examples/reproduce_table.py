@@ -38,6 +38,7 @@ the committed run is in ``docs``).
     python examples/reproduce_table.py --seeds 20 --only-mask-shares --out-dir outputs/masks
     python examples/reproduce_table.py --from-results outputs/main/results.json \
         outputs/masks/results.json --out-dir docs
+    # the committed run (docs/): results.json, results_masks_crosses.json
 """
 
 import argparse
@@ -489,6 +490,12 @@ def swept_datasets(results, datasets):
     return [d for d in datasets if any(r.dataset == d.name and r.mask_share < 1.0 for r in results)]
 
 
+def not_swept_note(results, datasets):
+    swept = {d.name for d in swept_datasets(results, datasets)}
+    missing = [name for name in MASK_SWEEP_DATASETS if name not in swept]
+    return f" Not run yet: {', '.join(missing)}." if missing else ""
+
+
 def mask_share_table(results, datasets, sizes, shares):
     """Markdown table: test AUC of the recommended method as fewer images keep a mask."""
     header = "| data set | images with a mask | " + " | ".join(
@@ -545,7 +552,7 @@ def mask_share_section(results, datasets, sizes, shares):
         f"available segmentation masks\". {RECOMMENDED} is rerun with the mask kept on a random "
         "share of the training images that have one (drawn per seed; the others train without "
         "the penalty), with the same per-seed choice of learning rate and λ on validation; p: "
-        "Wilcoxon against the baseline, paired by seed.",
+        "Wilcoxon against the baseline, paired by seed." + not_swept_note(results, datasets),
         "",
         mask_share_table(results, datasets, sizes, shares),
         "",
@@ -680,6 +687,9 @@ def main():
     out_dir = pathlib.Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_run(out_dir / "results.json", **run)
+    if args.only_mask_shares:  # no baseline here: the report needs the main run too
+        print(f"{out_dir / 'results.json'}: merge it with the main run's by --from-results")
+        return
     write_outputs(out_dir, **run)
 
 
