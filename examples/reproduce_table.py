@@ -511,6 +511,9 @@ def mask_share_table(results, datasets, sizes, shares):
             for n in sizes:
                 aucs = values(results, dataset.name, n, RECOMMENDED, mask_share=share)
                 baseline = values(results, dataset.name, n, "baseline")
+                if len(aucs) == 0:  # this training size was not swept
+                    cells += ["not run", ""]
+                    continue
                 cells += [mean_sd(aucs), f"{paired_p_value(aucs, baseline):.2g}"]
             lines.append(f"| {dataset.name} | {share:.0%} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -526,6 +529,8 @@ def save_mask_share_figure(path, results, datasets, sizes, shares):
     for axis, dataset in zip(axes[0], swept):
         for offset, n in enumerate(sizes):
             aucs = [values(results, dataset.name, n, RECOMMENDED, mask_share=share) for share in all_shares]
+            if any(len(a) == 0 for a in aucs):  # this training size was not swept
+                continue
             line = axis.errorbar(all_shares, [a.mean() for a in aucs],
                                  yerr=[a.std(ddof=1) if len(a) > 1 else 0 for a in aucs],
                                  fmt="o-", capsize=3, label=f"{RECOMMENDED}, {n} training images")
@@ -639,6 +644,8 @@ def main():
     parser.add_argument("--out-dir", default="outputs", help="default: outputs (docs/ holds the committed run)")
     parser.add_argument("--datasets", nargs="+", default=None, metavar="NAME",
                         help=f"run only these data sets (default: all): {[d.name for d in DATASETS]}")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, metavar="N",
+                        help=f"training sizes (default: {list(TRAIN_SIZES)})")
     parser.add_argument("--only-mask-shares", action="store_true",
                         help="run only the mask-share sweep (merge it with the main run by --from-results)")
     parser.add_argument("--from-results", default=None, nargs="+", metavar="JSON",
@@ -653,6 +660,8 @@ def main():
     n_seeds = args.seeds or (2 if args.quick else 20)
     datasets, sizes, methods = DATASETS, TRAIN_SIZES, METHODS
     shares = tuple(args.mask_shares) if args.mask_shares is not None else (() if args.quick else MASK_SHARES)
+    if args.sizes:
+        sizes = tuple(args.sizes)
     if args.datasets:
         unknown = sorted(set(args.datasets) - {d.name for d in DATASETS})
         if unknown:
