@@ -126,8 +126,7 @@ def warn_if_finite_difference_is_inexact(modules: List[nn.Module], dtype: torch.
         return
     kinked = sorted({
         type(module).__name__
-        for root in modules
-        for module in root.modules()
+        for module in modules  # a ModulesRun's: every submodule already
         if isinstance(module, PIECEWISE_LINEAR_LAYERS)
     })
     if kinked:

@@ -83,11 +83,11 @@ class ModulesRun:
 
 
 def training_batch_norms(modules: Sequence[nn.Module]) -> List[nn.Module]:
-    """The BatchNorm layers in training mode among ``modules`` and their children."""
+    """The BatchNorm layers in training mode among ``modules`` (a ``ModulesRun``'s,
+    which hold every submodule already)."""
     return [
         module
-        for root in modules
-        for module in root.modules()
+        for module in modules
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
     ]
 
