@@ -17,7 +17,7 @@ import torch
 from captum.attr import Saliency
 from torch import nn
 
-from captum_gradmask.mc_dropout import MCAttribution, MCDropout
+from captum_gradmask import MCAttribution, MCDropout
 
 from _measure import interleaved_medians, peak_memory_mib
 

@@ -9,13 +9,10 @@ offline data generators in ``captum_gradmask.datasets``.
 from captum_gradmask.contrast_saliency import ContrastSaliency
 from captum_gradmask.differentiable import differentiable
 from captum_gradmask.gradmask import GradMask, GradMaskOptions, GradMaskOutput, gradmask_penalty
-from captum_gradmask.mc_dropout import (
-    MCAttribution,
-    MCDropout,
-    Uncertainty,
-    predictive_uncertainty,
-)
+from captum_gradmask.mc_attribution import MCAttribution
+from captum_gradmask.mc_dropout import MCDropout
 from captum_gradmask.refine import refine_mask
+from captum_gradmask.uncertainty import Uncertainty, predictive_uncertainty
 from captum_gradmask.unveiling import IterativeUnveiling, UnveilingResult
 from captum_gradmask._validation import value_checks
 

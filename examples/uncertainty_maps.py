@@ -27,7 +27,7 @@ from captum.attr import Saliency  # noqa: E402
 from torch import nn  # noqa: E402
 
 from captum_gradmask.datasets.vessels import synthetic_vessels  # noqa: E402
-from captum_gradmask.mc_dropout import MCAttribution, MCDropout  # noqa: E402
+from captum_gradmask import MCAttribution, MCDropout  # noqa: E402
 
 IN_DISTRIBUTION = {"noise_std": 0.03, "vessel_contrast": 0.3}
 SHIFTS = {

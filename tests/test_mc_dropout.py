@@ -16,12 +16,7 @@ from torch import nn
 
 from captum_gradmask.contrast_saliency import ContrastSaliency
 from captum_gradmask.datasets.vessels import synthetic_vessels
-from captum_gradmask.mc_dropout import (
-    MCAttribution,
-    MCDropout,
-    Uncertainty,
-    predictive_uncertainty,
-)
+from captum_gradmask import MCAttribution, MCDropout, Uncertainty, predictive_uncertainty
 from helpers import ModelState
 
 
@@ -298,8 +293,6 @@ def test_attribution_checks():
         attribution.attribute(x, target=[0, 1])
     with pytest.raises(ValueError, match=r"shape \(5,\).*got shape \(2, 5\)"):
         attribution.attribute(x, target=torch.zeros(2, 5, dtype=torch.long))
-    with pytest.raises(ValueError, match="return_convergence_delta"):
-        attribution.attribute(x, target=0, return_convergence_delta=True)
     with pytest.raises(ValueError, match="mc_samples_batch_size"):
         attribution.attribute(x, target=0, mc_samples_batch_size=-1)
 

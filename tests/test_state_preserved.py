@@ -319,9 +319,9 @@ BAD_CALLS = {
     "MCAttribution, target out of range": lambda model, x, mask: MCAttribution(
         Saliency, MCDropout(model, n_samples=3)
     ).attribute(x, target=5),
-    "MCAttribution, return_convergence_delta": lambda model, x, mask: MCAttribution(
+    "MCAttribution, target list too long": lambda model, x, mask: MCAttribution(
         IntegratedGradients, MCDropout(model, n_samples=3)
-    ).attribute(x, target=1, return_convergence_delta=True),
+    ).attribute(x, target=[1] * (len(x) + 1)),
 }
 
 

@@ -1,0 +1,131 @@
+"""The one rule for per-example arguments, and the Captum methods it must know about.
+
+An argument is per example when it holds one entry per example of the inputs' batch
+of N: a Tensor whose dimension 0 has size N, or a list of N entries (Captum's
+per-example ``target``; ``ContrastSaliency``'s ``contrast_target``). Tuples are looked
+into entry by entry; anything else (numbers, strings, modules, Tensors of another
+first size) is shared by all examples. Wrappers that regroup the examples apply the
+rule here: ``MCAttribution`` repeats per-example arguments once per sub-network,
+``IterativeUnveiling`` splits them into chunks of ``examples_batch_size``. (GradMask
+runs the batch as given and regroups nothing.)
+
+Two exceptions, both Captum's: the ``baselines`` of the Shap methods (and of
+``NoiseTunnel(draw_baseline_from_distrib=True)``) are a distribution to draw from, not
+one baseline per example; and a few methods compute each example's attribution from
+the whole batch, so regrouping the examples changes their results.
+"""
+
+from typing import Dict, FrozenSet
+
+from captum.attr import (
+    Attribution,
+    DeepLift,
+    DeepLiftShap,
+    FeaturePermutation,
+    GradientShap,
+    LayerDeepLift,
+    LayerDeepLiftShap,
+    LayerGradientShap,
+    NeuronDeepLift,
+    NeuronDeepLiftShap,
+    NeuronGradientShap,
+    NoiseTunnel,
+)
+from torch import Tensor, nn
+
+_BASELINE_DISTRIBUTION_METHODS = (
+    GradientShap,
+    LayerGradientShap,
+    NeuronGradientShap,
+    DeepLiftShap,
+    LayerDeepLiftShap,
+    NeuronDeepLiftShap,
+)
+# DeepLift's rule for nn.Softmax subtracts the mean multiplier over the whole batch.
+_DEEPLIFT_METHODS = (
+    DeepLift,
+    LayerDeepLift,
+    NeuronDeepLift,
+    DeepLiftShap,
+    LayerDeepLiftShap,
+    NeuronDeepLiftShap,
+)
+
+
+def is_per_example(value: object, n_examples: int) -> bool:
+    if isinstance(value, Tensor):
+        return value.dim() > 0 and value.shape[0] == n_examples
+    return isinstance(value, list) and len(value) == n_examples
+
+
+def repeat_examples(value: object, copies: int, n_examples: int) -> object:
+    """``value`` for a batch of ``copies`` x N rows where row c * N + n is example n
+    (Captum's "repeat" expansion); shared values are returned as they are."""
+    if isinstance(value, tuple):
+        return tuple(repeat_examples(item, copies, n_examples) for item in value)
+    if not is_per_example(value, n_examples):
+        return value
+    if isinstance(value, list):
+        return value * copies
+    return value.repeat(copies, *([1] * (value.dim() - 1)))
+
+
+def select_examples(value: object, rows: slice, n_examples: int) -> object:
+    """``value`` for the examples ``rows`` of the batch; shared values as they are."""
+    if isinstance(value, tuple):
+        return tuple(select_examples(item, rows, n_examples) for item in value)
+    return value[rows] if is_per_example(value, n_examples) else value
+
+
+def regrouped_keywords(
+    attribution_method: Attribution, kwargs: Dict[str, object], regroup
+) -> Dict[str, object]:
+    """``kwargs`` of ``attribution_method.attribute`` with ``regroup`` applied to every
+    per-example argument, leaving baseline distributions whole."""
+    shared = _distribution_keywords(attribution_method, kwargs)
+    return {key: value if key in shared else regroup(value) for key, value in kwargs.items()}
+
+
+def _distribution_keywords(attribution_method: Attribution, kwargs: Dict[str, object]) -> FrozenSet[str]:
+    if isinstance(attribution_method, NoiseTunnel):
+        if kwargs.get("draw_baseline_from_distrib"):
+            return frozenset({"baselines"})
+        attribution_method = attribution_method.attribution_method
+    if isinstance(attribution_method, _BASELINE_DISTRIBUTION_METHODS):
+        return frozenset({"baselines"})
+    return frozenset()
+
+
+def batch_dependence(attribution_method: Attribution, model: nn.Module) -> str:
+    """Why ``attribution_method`` computes an example's attribution from the other
+    examples of its batch, or "" if it does not (as far as Captum's methods go)."""
+    if isinstance(attribution_method, NoiseTunnel):
+        attribution_method = attribution_method.attribution_method
+    if isinstance(attribution_method, FeaturePermutation):
+        return "FeaturePermutation permutes each feature across the examples of the batch"
+    if isinstance(attribution_method, _DEEPLIFT_METHODS) and _has_softmax(model):
+        return (
+            f"{type(attribution_method).__name__}'s rule for nn.Softmax normalises over "
+            "the whole batch"
+        )
+    return ""
+
+
+def _has_softmax(model: nn.Module) -> bool:
+    return any(isinstance(module, nn.Softmax) for module in model.modules())
+
+
+def check_per_example_count(value: object, name: str, n_examples: int) -> None:
+    """A list or multi-element Tensor ``value`` (e.g. ``target``) must have one entry
+    per example."""
+    if isinstance(value, list) and len(value) != n_examples:
+        raise ValueError(
+            f"{name} has {len(value)} entries but inputs have {n_examples} examples; "
+            "give one entry per example or a single int/tuple"
+        )
+    if isinstance(value, Tensor) and value.numel() > 1 and tuple(value.shape) != (n_examples,):
+        raise ValueError(
+            f"{name} as a Tensor must have shape ({n_examples},), one entry per example, "
+            f"or one element; got shape {tuple(value.shape)}"
+        )
+
