@@ -96,14 +96,15 @@ def _distribution_keywords(attribution_method: Attribution, kwargs: Dict[str, ob
     return frozenset()
 
 
-def batch_dependence(attribution_method: Attribution, model: nn.Module) -> str:
+def batch_dependence(attribution_method: Attribution, forward_func: object) -> str:
     """Why ``attribution_method`` computes an example's attribution from the other
-    examples of its batch, or "" if it does not (as far as Captum's methods go)."""
-    if isinstance(attribution_method, NoiseTunnel):
+    examples of its batch, or "" if it does not (as far as Captum's methods go).
+    Wrappers (NoiseTunnel, MCAttribution) are looked through."""
+    while hasattr(attribution_method, "attribution_method"):
         attribution_method = attribution_method.attribution_method
     if isinstance(attribution_method, FeaturePermutation):
         return "FeaturePermutation permutes each feature across the examples of the batch"
-    if isinstance(attribution_method, _DEEPLIFT_METHODS) and _has_softmax(model):
+    if isinstance(attribution_method, _DEEPLIFT_METHODS) and _has_softmax(forward_func):
         return (
             f"{type(attribution_method).__name__}'s rule for nn.Softmax normalises over "
             "the whole batch"
@@ -111,8 +112,11 @@ def batch_dependence(attribution_method: Attribution, model: nn.Module) -> str:
     return ""
 
 
-def _has_softmax(model: nn.Module) -> bool:
-    return any(isinstance(module, nn.Softmax) for module in model.modules())
+def _has_softmax(forward_func: object) -> bool:
+    # DeepLift needs an nn.Module forward function (it refuses anything else).
+    return isinstance(forward_func, nn.Module) and any(
+        isinstance(module, nn.Softmax) for module in forward_func.modules()
+    )
 
 
 def check_per_example_count(value: object, name: str, n_examples: int) -> None:

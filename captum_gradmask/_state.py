@@ -34,6 +34,35 @@ def preserved_training_modes(module: torch.nn.Module) -> Iterator[None]:
             submodule.training = mode
 
 
+@contextlib.contextmanager
+def evaluation_mode(forward_func: object) -> Iterator[None]:
+    """Every module ``forward_func`` runs is in eval mode inside the block, and gets
+    its mode back on exit. A module is switched up front; for any other callable (a
+    lambda around a model) each module is switched by a global forward pre-hook as it
+    first runs, before it computes anything."""
+    previous_modes: Dict[int, Tuple[nn.Module, bool]] = {}
+
+    def switch_to_eval(module: nn.Module, args: object = None) -> None:
+        if id(module) in previous_modes:
+            return
+        for submodule in module.modules():
+            previous_modes.setdefault(id(submodule), (submodule, submodule.training))
+            submodule.training = False
+
+    handle = None
+    if isinstance(forward_func, nn.Module):
+        switch_to_eval(forward_func)
+    else:
+        handle = nn.modules.module.register_module_forward_pre_hook(switch_to_eval)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.remove()
+        for module, mode in previous_modes.values():
+            module.training = mode
+
+
 class ModulesRun:
     """The modules a forward function runs, each with its buffers as they were just
     before it ran: all of a module's submodules, or for any other callable (a lambda,

@@ -9,6 +9,7 @@ from torch import Tensor
 from captum_gradmask._compat import _format_output, _is_tuple
 from captum_gradmask._validation import (
     check_finite_results,
+    warn_at_caller,
     check_float_inputs,
     check_targets_in_range,
     per_example_targets,
@@ -57,9 +58,12 @@ class ContrastSaliency(GradientAttribution):
                 more than two dimensions) for all examples, or a list / 1-D tensor
                 with one entry per example. Default: 1
             contrast_target (int, tuple, Tensor or list): the output it is compared
-                with, in the same forms. It must differ from ``target`` for every
-                example. Under ``NoiseTunnel`` give an int or a tuple: NoiseTunnel
-                expands ``target`` but not this argument. Default: 0
+                with, in the same forms. A single value must differ from a single
+                ``target``; an example whose per-example entries are equal gets a zero
+                map, and one warning counts them. Under ``NoiseTunnel`` and
+                ``sensitivity_max``, which repeat each example k times in a row and
+                expand ``target`` to match, per-example entries for N examples on a
+                batch of k N rows are expanded the same way. Default: 0
             abs (bool): return the absolute value of the gradient (as ``Saliency``
                 does) if True, the signed gradient of |y_t - y_c| if False.
                 Default: True
@@ -73,12 +77,10 @@ class ContrastSaliency(GradientAttribution):
         inputs_tuple = check_float_inputs(inputs, forward_func=self.forward_func)
         batch_size = inputs_tuple[0].shape[0]
         targets = per_example_targets(target, batch_size, "target")
-        contrasts = per_example_targets(contrast_target, batch_size, "contrast_target")
-        if any(t == c for t, c in zip(targets, contrasts)):
-            raise ValueError(
-                f"contrast_target must differ from target for every example; got "
-                f"target={target!r} and contrast_target={contrast_target!r}"
-            )
+        contrasts = per_example_targets(
+            _expanded_like_captum(contrast_target, batch_size), batch_size, "contrast_target"
+        )
+        _check_contrast_differs(targets, contrasts, target, contrast_target)
 
         def contrast_forward(*args: object) -> Tensor:
             output = self.forward_func(*args)
@@ -104,3 +106,39 @@ class ContrastSaliency(GradientAttribution):
         if abs:
             gradients = tuple(gradient.abs() for gradient in gradients)
         return _format_output(is_inputs_tuple, gradients)
+
+
+def _expanded_like_captum(contrast_target: object, batch_size: int) -> object:
+    """Per-example entries for N examples on a batch of k N rows, each repeated k
+    times in a row: how NoiseTunnel and sensitivity_max expand ``target``."""
+    if isinstance(contrast_target, Tensor) and contrast_target.dim() == 1 and contrast_target.numel() > 1:
+        contrast_target = contrast_target.tolist()
+    if not isinstance(contrast_target, list) or not contrast_target:
+        return contrast_target
+    repeats, remainder = divmod(batch_size, len(contrast_target))
+    if repeats <= 1 or remainder:
+        return contrast_target
+    return [entry for entry in contrast_target for _ in range(repeats)]
+
+
+def _check_contrast_differs(targets, contrasts, target: object, contrast_target: object) -> None:
+    """Equal single values are an error; equal per-example entries give zero maps
+    (|y_t - y_t| = 0 has zero gradient) and a warning that counts them."""
+    equal = sum(t == c for t, c in zip(targets, contrasts))
+    if equal == 0:
+        return
+    if equal == len(targets) and not _is_per_example(target) and not _is_per_example(contrast_target):
+        raise ValueError(
+            "contrast_target must differ from target; got target="
+            f"{target!r} and contrast_target={contrast_target!r}"
+        )
+    rows = [row for row, (t, c) in enumerate(zip(targets, contrasts)) if t == c]
+    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    warn_at_caller(
+        f"{equal} of {len(targets)} examples have target == contrast_target (rows "
+        f"{shown}); their contrast saliency is zero"
+    )
+
+
+def _is_per_example(value: object) -> bool:
+    return isinstance(value, list) or (isinstance(value, Tensor) and value.numel() > 1)

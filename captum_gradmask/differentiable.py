@@ -63,8 +63,10 @@ def differentiable(attribution: AttributionT) -> AttributionT:
 
     Supported: ``Saliency``, ``InputXGradient``, ``IntegratedGradients`` and
     ``ContrastSaliency``, and the layer methods ``LayerGradCam`` and
-    ``LayerGradientXActivation`` (through their ``grad_kwargs``). ``internal_batch_size`` is refused: Captum detaches every chunk
-    after the first.
+    ``LayerGradientXActivation`` (through their ``grad_kwargs``). ``internal_batch_size``
+    is refused: Captum detaches every chunk after the first. The copy also runs inside
+    ``NoiseTunnel``, with the same values, but NoiseTunnel averages under ``no_grad``,
+    so that average carries no graph.
 
     Raises:
         TypeError: for any other method, e.g. those whose backward hooks replace
@@ -125,4 +127,10 @@ def _attribute_keeping_graph(
         check_finite_results(_format_tensor_into_tuples(attributions), "the attributions")
         return attributions
 
+    # Captum's wrappers call ``method.attribute.__wrapped__(method, ...)`` (the function
+    # under ``log_usage``); ``functools.wraps`` left the bound method there.
+    def attribute_called_with_self(_method: object, *args: object, **kwargs: object):
+        return attribute(*args, **kwargs)
+
+    attribute.__wrapped__ = attribute_called_with_self
     return attribute

@@ -1,16 +1,19 @@
 """Iterative unveiling: hide the region an attribution found and ask again."""
 
 import contextlib
+import functools
 import math
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
 import torch
-from captum.attr import Attribution
+from captum.attr import Attribution, LayerAttribution
 from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from captum_gradmask._batching import batch_dependence, regrouped_keywords, select_examples
 from captum_gradmask._compat import _format_output, _is_tuple, _run_forward, _select_targets
+from captum_gradmask._state import evaluation_mode
 from captum_gradmask._validation import (
     check_batch_size,
     check_finite,
@@ -24,7 +27,8 @@ from captum_gradmask.refine import (
     refine_mask_checked_options,
 )
 
-BaselineType = Union[int, float, Tensor, str]
+FillType = Union[int, float, Tensor, str]
+_INTERPOLATION_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 _BLUR_PASSES = 3
 
 
@@ -35,8 +39,9 @@ class UnveilingResult(NamedTuple):
         masks (Tensor): bool (N, K, 1, *spatial); ``masks[:, k]`` is the region newly
             found at iteration k + 1. Regions of one sample are disjoint; all False
             once the sample has stopped.
-        attributions (Tensor): (N, K, C, *spatial); the map refined at iteration
-            k + 1, with already-hidden pixels zeroed; zero after the sample stopped.
+        attributions (Tensor): (N, K, C', *spatial); the map refined at iteration
+            k + 1 (C' its channels; layer maps upsampled to the input), with
+            already-hidden pixels zeroed; zero after the sample stopped.
         scores (Tensor): (N, K + 1); the target output on the input, then after
             each iteration's hiding. A stopped sample repeats its last score.
         order (Tensor): long (N, 1, *spatial); 0 where never found, k where found
@@ -56,17 +61,27 @@ class IterativeUnveiling(Attribution):
 
     Each iteration attributes the current input with the wrapped method, zeroes the
     attribution of pixels already hidden, refines it into a region mask with
-    :func:`~captum_gradmask.refine.refine_mask`, hides the new region by filling it
-    with the baseline and records the target score. A sample stops when an
-    iteration finds nothing new; it stays in the batch, with its results frozen, so
-    per-sample targets and ``additional_forward_args`` keep their layout. Hidden
-    pixels are never selected again.
+    :func:`~captum_gradmask.refine.refine_mask`, hides the new region by replacing it
+    with ``fill`` and records the target score. A sample stops when an iteration
+    finds nothing new; it stays in the batch, with its results frozen, so per-sample
+    targets and ``additional_forward_args`` keep their layout. Hidden pixels are
+    never selected again.
+
+    The model runs in eval mode while unveiling, as MONAI's visualisation tools do:
+    dropout would randomise the maps and BatchNorm in training mode would update its
+    statistics at every pass. Every module's mode is restored afterwards, also after
+    an exception (a forward function that is not a module has each module switched
+    as it first runs).
 
     Args:
         attribution_method (Attribution): any Captum attribution of image inputs
-            whose output is shaped like its input, e.g. ``Saliency(model)``,
-            ``NoiseTunnel(GuidedBackprop(model))``, ``IntegratedGradients(model)`` or
-            ``ContrastSaliency(model)``. It is not changed.
+            whose output is an (N, C', *spatial) map: shaped like the input
+            (``Saliency(model)``, ``NoiseTunnel(GuidedBackprop(model))``,
+            ``IntegratedGradients(model)``, ``ContrastSaliency(model)``,
+            ``MCAttribution(...)``) or a layer map (``LayerGradCam``), which is
+            upsampled to the input with ``LayerAttribution.interpolate``
+            (linear / bilinear / trilinear). Any number of channels: refinement
+            takes the maximum over channels. It is not changed.
 
     Examples::
 
@@ -74,6 +89,8 @@ class IterativeUnveiling(Attribution):
         >>> result = unveiling.unveil(images, target=1, n_iter=5, nt_samples=10)
         >>> result.masks.shape            # (N, 5, 1, H, W) bool
         >>> first_found = unveiling.attribute(images, target=1)   # shaped like images
+        >>> ig = IterativeUnveiling(IntegratedGradients(model))
+        >>> ig.unveil(images, target=1, fill="blur", baselines=blurred_images)
     """
 
     def __init__(self, attribution_method: Attribution) -> None:
@@ -91,7 +108,7 @@ class IterativeUnveiling(Attribution):
         inputs: Union[Tensor, tuple],
         target: object = None,
         n_iter: int = 5,
-        baselines: BaselineType = 0.0,
+        fill: FillType = 0.0,
         kernel_size: int = 11,
         n_passes: int = 3,
         threshold: float = 0.5,
@@ -115,7 +132,7 @@ class IterativeUnveiling(Attribution):
             inputs,
             target=target,
             n_iter=n_iter,
-            baselines=baselines,
+            fill=fill,
             kernel_size=kernel_size,
             n_passes=n_passes,
             threshold=threshold,
@@ -136,7 +153,7 @@ class IterativeUnveiling(Attribution):
         inputs: Union[Tensor, tuple],
         target: object = None,
         n_iter: int = 5,
-        baselines: BaselineType = 0.0,
+        fill: FillType = 0.0,
         kernel_size: int = 11,
         n_passes: int = 3,
         threshold: float = 0.5,
@@ -157,29 +174,33 @@ class IterativeUnveiling(Attribution):
                 scored, in any form Captum accepts; it must select one value per
                 example. Default: None
             n_iter (int): number of iterations K. Default: 5
-            baselines (float, Tensor or str): what hidden pixels are filled with: a
-                number; a tensor shaped like ``inputs`` or (1, C, *spatial); ``"mean"``,
-                each sample's per-channel mean; or ``"blur"``, the input box-blurred
-                3 times with ``kernel_size`` (edge-corrected). Default: 0.0
+            fill (float, Tensor or str): what hidden pixels become: a number; a
+                tensor shaped like ``inputs`` or (1, C, *spatial); ``"mean"``, each
+                sample's per-channel mean; or ``"blur"``, the input box-blurred 3 times
+                with ``kernel_size`` (edge-corrected). Default: 0.0
             kernel_size, n_passes, threshold, normalize, threshold_mode: refinement
                 options, see :func:`~captum_gradmask.refine.refine_mask`.
             additional_forward_args (Any, optional): passed to the model after the
                 inputs, both by the wrapped method and when scoring.
             examples_batch_size (int, optional): unveil this many examples at a
                 time, so peak memory stays that of a batch this size; results are
-                the same. Per-example tensors (first dimension N) in ``target``,
-                ``baselines``, ``additional_forward_args`` and ``attribute_kwargs``
-                are split with the inputs. Default: None (all N at once)
+                the same. Per-example values (a Tensor with N rows, a list of N
+                entries) in ``target``, ``fill``, ``additional_forward_args`` and
+                ``attribute_kwargs`` are split with the inputs; the baseline
+                distributions of the Shap methods are not. Refused for methods that
+                compute an example's attribution from the whole batch
+                (``FeaturePermutation``; DeepLift on a model with ``nn.Softmax``).
+                Default: None (all N at once)
             show_progress (bool): show a tqdm progress bar over iterations.
                 Default: False
-            **attribute_kwargs: passed to the wrapped method's ``attribute``, e.g.
-                ``nt_samples`` and ``nt_samples_batch_size`` for NoiseTunnel or
-                ``n_steps`` and ``internal_batch_size`` for IntegratedGradients.
+            **attribute_kwargs: passed to the wrapped method's ``attribute``
+                unchanged, e.g. ``baselines`` and ``n_steps`` for IntegratedGradients,
+                ``nt_samples`` for NoiseTunnel. ``return_convergence_delta`` is
+                refused: unveiling uses the map only.
 
         Returns:
             UnveilingResult: masks, attributions, scores, order map and per-sample
-            number of regions found; see :class:`UnveilingResult`. The model runs in
-            whatever mode it is in: put it in eval mode first.
+            number of regions found; see :class:`UnveilingResult`.
         """
         image = _single_image(inputs)
         check_model_device(self.forward_func, image)
@@ -188,24 +209,27 @@ class IterativeUnveiling(Attribution):
         check_refine_options(kernel_size, n_passes, threshold, normalize, threshold_mode)
         n_examples = image.shape[0]
         chunk_size = check_batch_size(examples_batch_size, "examples_batch_size", n_examples)
-        baseline = _baseline_tensor(baselines, image, kernel_size)
+        self._check_method_options(attribute_kwargs, chunk_size < n_examples)
+        fill_values = _fill_tensor(fill, image, kernel_size)
         refine_options = (kernel_size, n_passes, threshold, normalize, threshold_mode)
 
         image = image.detach()  # an alias: the caller's tensor is never handed out
         chunks = [slice(start, start + chunk_size) for start in range(0, n_examples, chunk_size)]
         results = []
-        with tqdm(total=n_iter * len(chunks), desc="Unveiling", disable=not show_progress) as bar:
+        progress = tqdm(total=n_iter * len(chunks), desc="Unveiling", disable=not show_progress)
+        with progress, evaluation_mode(self.forward_func):
             for rows in chunks:
+                select = functools.partial(select_examples, rows=rows, n_examples=n_examples)
                 results.append(
                     self._unveil_examples(
                         image[rows],
-                        target[rows] if isinstance(target, list) else _example_rows(target, rows, n_examples),
-                        _example_rows(baseline, rows, n_examples),
-                        _example_rows(additional_forward_args, rows, n_examples),
-                        {k: _example_rows(v, rows, n_examples) for k, v in attribute_kwargs.items()},
+                        select(target),
+                        select(fill_values),
+                        select(additional_forward_args),
+                        regrouped_keywords(self.attribution_method, attribute_kwargs, select),
                         n_iter,
                         refine_options,
-                        bar,
+                        progress,
                     )
                 )
         return UnveilingResult(*(torch.cat(parts) for parts in zip(*results)))
@@ -214,7 +238,7 @@ class IterativeUnveiling(Attribution):
         self,
         image: Tensor,
         target: object,
-        baseline: Tensor,
+        fill_values: Tensor,
         additional_forward_args: Optional[object],
         attribute_kwargs: dict,
         n_iter: int,
@@ -249,7 +273,7 @@ class IterativeUnveiling(Attribution):
             new_region = refine_mask_checked_options(attribution, *refine_options) & ~hidden
             active = new_region.flatten(start_dim=1).any(dim=1)
             hidden = hidden | new_region
-            current = _fresh_leaf(torch.where(hidden, baseline, image))
+            current = _fresh_leaf(torch.where(hidden, fill_values, image))
             masks.append(new_region)
             attributions.append(attribution)
             progress_bar.update()
@@ -286,15 +310,39 @@ class IterativeUnveiling(Attribution):
         return attribution, (outputs_at_inputs[0] if outputs_at_inputs else None)
 
     def _attribute(self, inputs: Tensor, target: object, attribute_kwargs: dict) -> Tensor:
+        """The wrapped method's map of ``inputs``, detached; a layer map (other spatial
+        size) upsampled to the input."""
         attribution = self.attribution_method.attribute(inputs, target=target, **attribute_kwargs)
-        if not isinstance(attribution, Tensor) or attribution.shape != inputs.shape:
+        if (
+            not isinstance(attribution, Tensor)
+            or attribution.dim() != inputs.dim()
+            or attribution.shape[0] != inputs.shape[0]
+        ):
             received = getattr(attribution, "shape", type(attribution).__name__)
             raise ValueError(
                 f"{type(self.attribution_method).__name__}.attribute must return one "
-                f"Tensor shaped like the inputs {tuple(inputs.shape)}, got {received}"
-                " (is return_convergence_delta set?)"
+                f"Tensor (N, C', *spatial) with the {inputs.shape[0]} examples and the "
+                f"{inputs.dim() - 2} spatial dimensions of the inputs, got {received}"
             )
+        spatial_size = tuple(inputs.shape[2:])
+        if tuple(attribution.shape[2:]) != spatial_size:
+            mode = _INTERPOLATION_MODES[len(spatial_size)]
+            attribution = LayerAttribution.interpolate(attribution, spatial_size, mode)
         return attribution.detach()
+
+    def _check_method_options(self, attribute_kwargs: dict, examples_split: bool) -> None:
+        method_name = type(self.attribution_method).__name__
+        if attribute_kwargs.get("return_convergence_delta"):
+            raise ValueError(
+                "return_convergence_delta=True is not supported: unveiling refines the "
+                f"map of {method_name} and has no use for its delta; leave it False"
+            )
+        dependence = batch_dependence(self.attribution_method, self.forward_func)
+        if examples_split and dependence:
+            raise ValueError(
+                f"examples_batch_size would change the results of {method_name}: "
+                f"{dependence}. Leave examples_batch_size None"
+            )
 
     def _score(
         self,
@@ -352,16 +400,6 @@ def _collect_result(
     )
 
 
-def _example_rows(value: object, rows: slice, n_examples: int) -> object:
-    """``value[rows]`` for a per-example Tensor (first dimension ``n_examples``),
-    element-wise for a tuple, anything else unchanged."""
-    if isinstance(value, tuple):
-        return tuple(_example_rows(item, rows, n_examples) for item in value)
-    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n_examples:
-        return value[rows]
-    return value
-
-
 def _fresh_leaf(inputs: Tensor) -> Tensor:
     # Gradient methods need requires_grad and warn when they have to set it; this
     # tensor is ours, so set it here.
@@ -396,35 +434,35 @@ def _check_n_iter(n_iter: object) -> None:
         raise ValueError(f"n_iter must be >= 1, got {n_iter}")
 
 
-def _baseline_tensor(baselines: object, image: Tensor, kernel_size: int) -> Tensor:
+def _fill_tensor(fill: object, image: Tensor, kernel_size: int) -> Tensor:
     """The fill values for hidden pixels, broadcastable against ``image``."""
-    if isinstance(baselines, str):
-        if baselines == "mean":
+    if isinstance(fill, str):
+        if fill == "mean":
             return image.mean(dim=tuple(range(2, image.dim())), keepdim=True).detach()
-        if baselines == "blur":
+        if fill == "blur":
             blurred = box_mean(image.detach(), kernel_size, _BLUR_PASSES)
             coverage = box_mean(torch.ones_like(image[:1, :1]), kernel_size, _BLUR_PASSES)
             return blurred / coverage
-        raise ValueError(f'baselines as a string must be "mean" or "blur", got {baselines!r}')
-    if isinstance(baselines, (int, float)) and not isinstance(baselines, bool):
-        if not math.isfinite(baselines):
-            raise ValueError(f"baselines must be finite, got {baselines}")
-        return torch.tensor(baselines, device=image.device, dtype=image.dtype)
-    if isinstance(baselines, Tensor):
+        raise ValueError(f'fill as a string must be "mean" or "blur", got {fill!r}')
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        if not math.isfinite(fill):
+            raise ValueError(f"fill must be finite, got {fill}")
+        return torch.tensor(fill, device=image.device, dtype=image.dtype)
+    if isinstance(fill, Tensor):
         batch_shape, single_shape = image.shape, (1, *image.shape[1:])
-        if baselines.shape not in (batch_shape, single_shape):
+        if fill.shape not in (batch_shape, single_shape):
             raise ValueError(
-                f"baselines must be shaped like inputs {tuple(batch_shape)} or "
-                f"{single_shape}, got {tuple(baselines.shape)}"
+                f"fill must be shaped like inputs {tuple(batch_shape)} or "
+                f"{single_shape}, got {tuple(fill.shape)}"
             )
-        if baselines.dtype != image.dtype or baselines.device != image.device:
+        if fill.dtype != image.dtype or fill.device != image.device:
             raise ValueError(
-                f"baselines must match inputs in dtype and device ({image.dtype}, "
-                f"{image.device}), got ({baselines.dtype}, {baselines.device})"
+                f"fill must match inputs in dtype and device ({image.dtype}, "
+                f"{image.device}), got ({fill.dtype}, {fill.device})"
             )
-        check_finite(baselines, "baselines")
-        return baselines.detach()
+        check_finite(fill, "fill")
+        return fill.detach()
     raise TypeError(
-        'baselines must be a number, a Tensor, "mean" or "blur", got '
-        f"{type(baselines).__name__}"
+        'fill must be a number, a Tensor, "mean" or "blur", got '
+        f"{type(fill).__name__}"
     )

@@ -317,3 +317,58 @@ def relative_error(actual, expected):
     actual = torch.cat([t.detach().flatten().double() for t in actual])
     expected = torch.cat([t.detach().flatten().double() for t in expected])
     return float((actual - expected).abs().max() / expected.abs().max())
+
+
+# --- MC dropout: each sub-network on its own, independently of MCAttribution -------
+
+
+def sub_network_masks(mc_model, inputs, additional_forward_args=None) -> Dict[nn.Module, torch.Tensor]:
+    """Every dropout layer's keep-mask (T, *feature shape) per sub-network, probed
+    from outside: the layer's input is replaced by ones and its output recorded."""
+    layers = [m for m in mc_model.model.modules() if type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)]
+    outputs: Dict[nn.Module, torch.Tensor] = {}
+    handles = [layer.register_forward_pre_hook(lambda m, args: (torch.ones_like(args[0]),)) for layer in layers]
+    handles += [
+        layer.register_forward_hook(lambda m, args, out: outputs.setdefault(m, out.detach())) for layer in layers
+    ]
+    try:
+        with torch.no_grad():
+            mc_model(inputs, additional_forward_args=additional_forward_args)
+    finally:
+        for handle in handles:
+            handle.remove()
+    n_examples = (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+    masks = {}
+    for layer, rows in outputs.items():
+        per_sample = rows.unflatten(0, (mc_model.n_samples, n_examples))
+        assert (per_sample == per_sample[:, :1]).all(), "a mask differs across the batch"
+        masks[layer] = per_sample[:, 0]
+    return masks
+
+
+def per_sub_network(mc_model, inputs, compute: Callable[[], object], additional_forward_args=None) -> List[object]:
+    """``compute()`` once per sub-network t: the plain model in eval mode, each
+    dropout layer's output replaced by its input times sub-network t's mask."""
+    masks = sub_network_masks(mc_model, inputs, additional_forward_args)
+    model = mc_model.model
+    modes = [m.training for m in model.modules()]
+    model.eval()
+    results = []
+    try:
+        for t in range(mc_model.n_samples):
+            handles = [
+                layer.register_forward_hook(functools.partial(_times_mask, mask[t])) for layer, mask in masks.items()
+            ]
+            try:
+                results.append(compute())
+            finally:
+                for handle in handles:
+                    handle.remove()
+    finally:
+        for module, mode in zip(model.modules(), modes):
+            module.training = mode
+    return results
+
+
+def _times_mask(mask, module, args, output):
+    return args[0] * mask

@@ -106,6 +106,49 @@ def test_noise_tunnel_matches_saliency_of_hand_written_contrast(device, nt_type)
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
 
 
+def test_rows_with_target_equal_to_contrast_get_zero_maps(device):
+    torch.manual_seed(7)
+    model = small_cnn(n_classes=3).to(device).double()
+    x = torch.randn(4, 1, 6, 6, device=device, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"2 of 4 examples have target == contrast_target \(rows 1, 3\)"):
+        ours = ContrastSaliency(model).attribute(x, target=[1, 2, 0, 0], contrast_target=[0, 2, 1, 0])
+    assert not ours[[1, 3]].any()
+    torch.testing.assert_close(ours[0], contrast_reference(model, x[:1], 1, 0).abs()[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ours[2], contrast_reference(model, x[2:3], 0, 1).abs()[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("expand", ["noise_tunnel", "sensitivity_max"])
+def test_per_example_contrast_under_captum_expansion(device, expand):
+    """NoiseTunnel and sensitivity_max repeat each example k times in a row."""
+    torch.manual_seed(8)
+    model = small_cnn(n_classes=3).to(device).double()
+    x = torch.randn(3, 1, 6, 6, device=device, dtype=torch.float64)
+    targets, contrasts = [1, 2, 0], [0, 1, 2]
+
+    def contrast_output(inputs):
+        logits = model(inputs)
+        rows = torch.arange(len(inputs), device=device)
+        repeats = len(inputs) // 3
+        t = torch.tensor(targets, device=device).repeat_interleave(repeats)
+        c = torch.tensor(contrasts, device=device).repeat_interleave(repeats)
+        return (logits[rows, t] - logits[rows, c]).abs()
+
+    if expand == "noise_tunnel":
+        kwargs = dict(nt_samples=4, nt_samples_batch_size=3, stdevs=0.2)
+        torch.manual_seed(0)
+        ours = NoiseTunnel(ContrastSaliency(model)).attribute(x, target=targets, contrast_target=contrasts, **kwargs)
+        torch.manual_seed(0)
+        reference = NoiseTunnel(Saliency(contrast_output)).attribute(x, **kwargs)
+    else:
+        torch.manual_seed(0)
+        ours = sensitivity_max(ContrastSaliency(model).attribute, x, target=targets, contrast_target=contrasts,
+                               n_perturb_samples=4, max_examples_per_batch=9)
+        torch.manual_seed(0)
+        reference = sensitivity_max(Saliency(contrast_output).attribute, x, n_perturb_samples=4,
+                                    max_examples_per_batch=9)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
 def test_captum_metrics_and_visualization(device):
     torch.manual_seed(6)
     model = small_cnn().to(device)
@@ -173,15 +216,6 @@ def _contrast_indices(output_shape, targets):
     return [i if len(i) > 1 else i[0] for i in chosen]
 
 
-def _shared_contrast_index(output_shape, targets):
-    """One output index that no example uses as its target, or None."""
-    used = {t if isinstance(t, tuple) else (t,) for t in targets}
-    for index in itertools.product(*(range(size) for size in output_shape[1:])):
-        if index not in used:
-            return index if len(index) > 1 else index[0]
-    return None
-
-
 def _per_example(target, batch_size):
     if isinstance(target, torch.Tensor):
         return target.tolist() if target.numel() > 1 else [int(target)] * batch_size
@@ -200,21 +234,8 @@ def test_captum_saliency_configs(case):
     output = model(*inputs_tuple, *extra)
     batch_size = output.shape[0]
     targets = _per_example(target, batch_size)
-    if case.get("noise_tunnel", False):
-        # NoiseTunnel expands `target` but not `contrast_target`, so it must be shared.
-        contrast = _shared_contrast_index(output.shape, targets)
-        if contrast is None:
-            # Every output index is some example's target: a per-example contrast is
-            # needed, which NoiseTunnel cannot expand; it must fail clearly.
-            with pytest.raises(ValueError, match="contrast_target has"):
-                NoiseTunnel(ContrastSaliency(model)).attribute(
-                    inputs, target=target, contrast_target=_contrast_indices(output.shape, targets), **args
-                )
-            return
-        contrasts = [contrast] * batch_size
-    else:
-        contrasts = _contrast_indices(output.shape, targets)
-        contrast = contrasts
+    # Per-example contrasts: under NoiseTunnel they are expanded like `target`.
+    contrasts = _contrast_indices(output.shape, targets)
 
     def select(out, index):
         return torch.stack([out[(b, *(i if isinstance(i, tuple) else (i,)))] for b, i in enumerate(index)])
@@ -226,13 +247,13 @@ def test_captum_saliency_configs(case):
     if case.get("noise_tunnel", False):
         torch.manual_seed(0)
         ours = NoiseTunnel(ContrastSaliency(model)).attribute(
-            inputs, target=target, contrast_target=contrast, **args
+            inputs, target=target, contrast_target=contrasts, **args
         )
         torch.manual_seed(0)
         # stdevs is 0 in Captum's NoiseTunnel configs, so each noisy copy equals the input.
         reference = Saliency(contrast_output).attribute(inputs, additional_forward_args=forward_args)
     else:
-        ours = ContrastSaliency(model).attribute(inputs, target=target, contrast_target=contrast, **args)
+        ours = ContrastSaliency(model).attribute(inputs, target=target, contrast_target=contrasts, **args)
         reference = Saliency(contrast_output).attribute(inputs, **args)
     for ours_part, reference_part in zip(
         ours if isinstance(ours, tuple) else (ours,), reference if isinstance(reference, tuple) else (reference,)
@@ -246,7 +267,6 @@ def test_captum_saliency_configs(case):
     "kwargs, error, match",
     [
         (dict(target=1, contrast_target=1), ValueError, "contrast_target must differ"),
-        (dict(target=[0, 1], contrast_target=[1, 1]), ValueError, "contrast_target must differ"),
         (dict(target=2), ValueError, "target 2 is out of range"),
         (dict(target=-1), ValueError, "target -1 is out of range"),
         (dict(contrast_target=5), ValueError, "contrast_target 5 is out of range"),

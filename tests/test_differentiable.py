@@ -170,3 +170,19 @@ def test_requires_grad_flags_restored_after_error(device):
     with pytest.raises(Exception):
         differentiable(Saliency(model)).attribute(x, target=99)
     state.assert_unchanged()
+
+
+@pytest.mark.parametrize("name", ["saliency", "integrated_gradients"])
+def test_runs_inside_noise_tunnel(device, name):
+    """NoiseTunnel calls ``attribute.__wrapped__(method, ...)``: same values as the
+    plain class under the same noise."""
+    torch.manual_seed(0)
+    model = small_cnn().to(device).double()
+    x = torch.randn(2, 1, 6, 6, device=device, dtype=torch.float64)
+    method = {"saliency": Saliency, "integrated_gradients": IntegratedGradients}[name]
+    kwargs = dict(target=1, nt_samples=3, stdevs=0.1)
+    torch.manual_seed(1)
+    ours = NoiseTunnel(differentiable(method(model))).attribute(x, **kwargs)
+    torch.manual_seed(1)
+    plain = NoiseTunnel(method(model)).attribute(x, **kwargs)
+    torch.testing.assert_close(ours, plain, rtol=1e-12, atol=1e-12)

@@ -7,8 +7,11 @@ import scipy.ndimage
 import torch
 from captum.attr import (
     Attribution,
+    FeaturePermutation,
     GuidedBackprop,
     IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
     NoiseTunnel,
     Saliency,
 )
@@ -158,23 +161,23 @@ def test_per_sample_stop_and_score_padding(device):
     assert torch.equal(result.scores[1, 2:], result.scores[1, 1:2].expand(4))
 
 
-@pytest.mark.parametrize("baseline_kind", ["scalar", "batch_tensor", "single_tensor", "mean", "blur"])
-def test_baselines_fill_hidden_pixels(device, baseline_kind):
+@pytest.mark.parametrize("fill_kind", ["scalar", "batch_tensor", "single_tensor", "mean", "blur"])
+def test_fill_replaces_hidden_pixels(device, fill_kind):
     model = max_pooling_cnn().to(device, torch.float64)
     images = blob_images(2, device, torch.float64) + 0.3
-    reference_baseline = {
+    reference_fill = {
         "scalar": torch.tensor(-0.2, dtype=torch.float64),
         "batch_tensor": torch.linspace(-1, 1, 2 * SIDE * SIDE, dtype=torch.float64).view(images.shape),
         "single_tensor": torch.linspace(0, 1, SIDE * SIDE, dtype=torch.float64).view(1, 1, SIDE, SIDE),
         "mean": images.cpu().mean(dim=(2, 3), keepdim=True),
         "blur": blurred_by_scipy(images.cpu(), kernel_size=5),
-    }[baseline_kind].to(device)
-    baselines = {"scalar": -0.2, "mean": "mean", "blur": "blur"}.get(baseline_kind, reference_baseline)
+    }[fill_kind].to(device)
+    fill = {"scalar": -0.2, "mean": "mean", "blur": "blur"}.get(fill_kind, reference_fill)
     result = IterativeUnveiling(Saliency(model)).unveil(
-        images, target=1, n_iter=2, kernel_size=5, baselines=baselines
+        images, target=1, n_iter=2, kernel_size=5, fill=fill
     )
     with torch.no_grad():
-        reference = expected_scores(model, images, result.masks, reference_baseline, target=1)
+        reference = expected_scores(model, images, result.masks, reference_fill, target=1)
     torch.testing.assert_close(result.scores, reference, rtol=1e-12, atol=1e-12)
 
 
@@ -231,8 +234,8 @@ def test_additional_forward_args_reach_model_and_scores():
 @pytest.mark.parametrize("target_type", [list, torch.tensor])
 @pytest.mark.parametrize("examples_batch_size", [1, 2, 4])
 def test_examples_batch_size_gives_the_same_result(device, examples_batch_size, target_type):
-    """Per-example target, baselines, forward args and method kwargs are split with
-    the inputs; the chunked result equals the one of the whole batch."""
+    """Per-example target, fill, forward args and method kwargs (IG's baselines) are
+    split with the inputs; the chunked result equals the one of the whole batch."""
     model = max_pooling_cnn().to(device)
 
     def forward(inputs, scale):
@@ -242,7 +245,8 @@ def test_examples_batch_size_gives_the_same_result(device, examples_batch_size, 
     rows = torch.arange(5, device=device, dtype=images.dtype).view(5, 1, 1, 1)
     options = {
         "target": target_type([1, 0, 1, 1, 0]),
-        "baselines": 0.02 * rows.expand_as(images),
+        "fill": 0.02 * rows.expand_as(images),
+        "baselines": -0.01 * rows.expand_as(images),
         "additional_forward_args": (1 + rows.view(5, 1) / 4,),
         "n_iter": 3,
         "kernel_size": 3,
@@ -305,10 +309,10 @@ def test_nan_attributions_raise():
         ({"inputs": [1.0]}, TypeError, "inputs must be a Tensor, got list"),
         ({"n_iter": 0}, ValueError, "n_iter must be >= 1, got 0"),
         ({"n_iter": 2.0}, TypeError, "n_iter must be an int"),
-        ({"baselines": "median"}, ValueError, 'baselines as a string must be "mean" or "blur"'),
-        ({"baselines": True}, TypeError, "baselines must be a number, a Tensor"),
-        ({"baselines": torch.zeros(1, 1, SIDE)}, ValueError, r"baselines must be shaped like inputs"),
-        ({"baselines": torch.zeros(1, 1, SIDE, SIDE, dtype=torch.float64)}, ValueError, "dtype and device"),
+        ({"fill": "median"}, ValueError, 'fill as a string must be "mean" or "blur"'),
+        ({"fill": True}, TypeError, "fill must be a number, a Tensor"),
+        ({"fill": torch.zeros(1, 1, SIDE)}, ValueError, r"fill must be shaped like inputs"),
+        ({"fill": torch.zeros(1, 1, SIDE, SIDE, dtype=torch.float64)}, ValueError, "dtype and device"),
         ({"threshold": 2.0}, ValueError, r"threshold must be in \(0, 1\]"),
         ({"kernel_size": 2}, ValueError, "kernel_size must be a positive odd int"),
         ({"target": None}, ValueError, "target must select one model output per example"),
@@ -329,13 +333,107 @@ def test_wrapped_method_errors():
     model = max_pooling_cnn()
     with pytest.raises(TypeError, match="attribution_method must be a Captum Attribution, got Sequential"):
         IterativeUnveiling(model)
-    wrong_shape = FixedMap(model, torch.ones(1, 1, 4, 4))
-    with pytest.raises(ValueError, match=r"FixedMap.attribute must return one Tensor shaped like the inputs"):
-        IterativeUnveiling(wrong_shape).unveil(blob_images(1, "cpu"), target=1)
-    with pytest.raises(ValueError, match="return_convergence_delta"):
+    no_spatial_dims = FixedMap(model, torch.ones(1, 4))
+    with pytest.raises(ValueError, match=r"FixedMap.attribute must return one Tensor \(N, C', \*spatial\) with the 1 examples and the 2 spatial"):
+        IterativeUnveiling(no_spatial_dims).unveil(blob_images(1, "cpu"), target=1)
+    with pytest.raises(ValueError, match="return_convergence_delta=True is not supported: unveiling refines the map of IntegratedGradients"):
         IterativeUnveiling(IntegratedGradients(model)).unveil(
             blob_images(1, "cpu"), target=1, return_convergence_delta=True
         )
+    with pytest.raises(ValueError, match="examples_batch_size would change the results of FeaturePermutation: FeaturePermutation permutes"):
+        IterativeUnveiling(FeaturePermutation(model)).unveil(
+            blob_images(2, "cpu"), target=1, examples_batch_size=1
+        )
+
+
+def unveil_by_hand(model, attribute, images, target, n_iter, kernel_size, fill=0.0):
+    """The unveiling loop written out: the independent reference."""
+    hidden = torch.zeros_like(images[:, :1], dtype=torch.bool)
+    masks, current = [], images
+    for _ in range(n_iter):
+        attribution = attribute(current).masked_fill(hidden, 0)
+        new_region = refine_mask(attribution, kernel_size=kernel_size) & ~hidden
+        hidden = hidden | new_region
+        current = torch.where(hidden, fill, images)
+        masks.append(new_region)
+    return torch.stack(masks, dim=1)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_layer_maps_are_upsampled(device, channels):
+    """A (N, 1, 4, 4) map on (N, C, 12, 12) images: bilinear upsampling by hand."""
+    model = nn.Sequential(nn.Conv2d(channels, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 2)).to(device)
+    images = blob_images(2, device).expand(2, channels, SIDE, SIDE).contiguous()
+    coarse = torch.rand(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).to(device)
+    result = IterativeUnveiling(FixedMap(model, coarse)).unveil(images, target=1, n_iter=2, kernel_size=3)
+    upsampled = nn.functional.interpolate(coarse, size=(SIDE, SIDE), mode="bilinear")
+    expected = unveil_by_hand(model, lambda x: upsampled, images, 1, n_iter=2, kernel_size=3)
+    assert torch.equal(result.masks, expected) and result.masks.any()
+    assert result.attributions.shape == (2, 2, 1, SIDE, SIDE)
+
+
+def test_layer_grad_cam(device):
+    model = max_pooling_cnn().to(device)
+    images = blob_images(2, device)
+    gradcam = LayerGradCam(model, model[0])
+    result = IterativeUnveiling(gradcam).unveil(images, target=1, n_iter=2, kernel_size=3)
+
+    def upsampled_gradcam(x):
+        return LayerAttribution.interpolate(gradcam.attribute(x, target=1), (SIDE, SIDE), "bilinear")
+
+    expected = unveil_by_hand(model, upsampled_gradcam, images, 1, n_iter=2, kernel_size=3)
+    assert torch.equal(result.masks, expected)
+
+
+def test_baselines_reach_the_wrapped_method():
+    """Integrated gradients from the input itself is zero: nothing to find. (Before
+    ``fill`` existed, ``baselines`` filled hidden pixels and IG ran from zeros.)"""
+    model = max_pooling_cnn()
+    images = blob_images(2, "cpu")
+    unveiling = IterativeUnveiling(IntegratedGradients(model))
+    from_zeros = unveiling.unveil(images, target=1, n_iter=2, kernel_size=3, n_steps=8)
+    from_itself = unveiling.unveil(images, target=1, n_iter=2, kernel_size=3, n_steps=8, baselines=images)
+    assert from_zeros.n_found.min() > 0 and from_itself.n_found.max() == 0
+
+
+def batchnorm_dropout_cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Dropout(0.5),
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(4, 2),
+    )
+
+
+@pytest.mark.parametrize("as_callable", [False, True], ids=["module", "lambda"])
+def test_train_mode_model_runs_in_eval_mode(device, as_callable):
+    """Straight out of training: no BatchNorm update, no random dropout, modes back."""
+    model = batchnorm_dropout_cnn().to(device)
+    model[1].running_mean.fill_(0.1)
+    images = blob_images(2, device)
+    eval_copy = batchnorm_dropout_cnn().to(device)
+    eval_copy.load_state_dict(model.state_dict())
+    expected = IterativeUnveiling(Saliency(eval_copy.eval())).unveil(images, target=1, n_iter=3, kernel_size=3)
+    model.train()
+    model[3].eval()  # a mixed state must come back as it was
+    state = ModelState(model, images)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    forward = (lambda x: model(x)) if as_callable else model
+    result = IterativeUnveiling(Saliency(forward)).unveil(images, target=1, n_iter=3, kernel_size=3)
+    state.assert_unchanged()
+    for name, buffer in model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    assert model.training and not model[3].training
+    for field, actual, wanted in zip(UnveilingResult._fields, result, expected):
+        torch.testing.assert_close(actual, wanted, msg=field)
+
+
+def test_modes_restored_after_an_error():
+    failing = FailingForward(batchnorm_dropout_cnn(), fail_at=3)
+    failing.train()
+    with pytest.raises(RuntimeError, match="forward failed"):
+        IterativeUnveiling(Saliency(failing)).unveil(blob_images(2, "cpu"), target=1, kernel_size=3)
+    assert all(module.training for module in failing.modules())
 
 
 def test_multi_region_images(device):
