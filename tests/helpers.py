@@ -89,11 +89,13 @@ def tiny_dropout_cnn(batchnorm: bool = False) -> nn.Module:
 
 class EntryPoint(NamedTuple):
     """``call(model, inputs, mask, baselines)`` runs one public entry point; the
-    flags say which of ``mask`` and ``baselines`` it reads."""
+    flags say which of ``mask`` and ``baselines`` it reads, ``baselines_name`` what
+    the entry point calls its reference tensor."""
 
     call: Callable
     uses_mask: bool = False
     uses_baselines: bool = False
+    baselines_name: str = "baselines"
 
 
 def _gradmask_module(**options) -> EntryPoint:
@@ -117,10 +119,10 @@ def _unveiling(method_name: str) -> EntryPoint:
     def call(model, x, mask, baselines):
         unveiling = IterativeUnveiling(Saliency(model))
         return getattr(unveiling, method_name)(
-            x, target=1, n_iter=2, kernel_size=3, baselines=baselines
+            x, target=1, n_iter=2, kernel_size=3, fill=baselines
         )
 
-    return EntryPoint(call, uses_baselines=True)
+    return EntryPoint(call, uses_baselines=True, baselines_name="fill")
 
 
 MODEL_ENTRY_POINTS = {

@@ -105,7 +105,6 @@ def assert_same_results(result, reference) -> None:
 
 # --- every public entry point, driven the same way ----------------------------------
 
-ARGUMENT_NAMES = ("inputs", "mask", "baselines")  # of the entry points that run a model
 
 
 class Entry(NamedTuple):
@@ -123,11 +122,12 @@ def _model_entry(entry) -> Entry:
         torch.manual_seed(0)  # expected gradients draws its path points
         return entry.call(model, *arguments.values())
 
+    names = ("inputs", "mask", entry.baselines_name)
     used = (True, entry.uses_mask, entry.uses_baselines)
     return Entry(
-        arguments=lambda n: dict(zip(ARGUMENT_NAMES, model_arguments(n))),
+        arguments=lambda n: dict(zip(names, model_arguments(n))),
         call=call,
-        reads=tuple(name for name, read in zip(ARGUMENT_NAMES, used) if read),
+        reads=tuple(name for name, read in zip(names, used) if read),
         runs_model=True,
     )
 

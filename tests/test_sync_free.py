@@ -116,7 +116,7 @@ def test_unveiling(sync_free_device):
     x = images(sync_free_device)
     with no_value_reads(sync_free_device):
         result = IterativeUnveiling(NoiseTunnel(Saliency(model))).unveil(
-            x, target=1, n_iter=2, kernel_size=3, baselines="mean", examples_batch_size=2,
+            x, target=1, n_iter=2, kernel_size=3, fill="mean", examples_batch_size=2,
             nt_samples=2,
         )
     assert result.masks.shape == (3, 2, 1, SIDE, SIDE)

@@ -261,6 +261,19 @@ def test_examples_batch_size_gives_the_same_result(device, examples_batch_size, 
         torch.testing.assert_close(actual, expected, msg=field)
 
 
+@pytest.mark.parametrize("examples_batch_size", [1, 2])
+def test_per_example_lists_in_method_keywords_are_split(examples_batch_size):
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+                          nn.Flatten(), nn.Linear(4, 3))
+    images = blob_images(3, "cpu")
+    options = dict(target=[1, 2, 0], contrast_target=[0, 0, 2], n_iter=2, kernel_size=3)
+    unveiling = IterativeUnveiling(ContrastSaliency(model))
+    whole = unveiling.unveil(images, **options)
+    chunked = unveiling.unveil(images, examples_batch_size=examples_batch_size, **options)
+    for field, expected, actual in zip(UnveilingResult._fields, whole, chunked):
+        torch.testing.assert_close(actual, expected, msg=field)
+
+
 def test_show_progress_prints_a_bar(capsys):
     model = max_pooling_cnn()
     IterativeUnveiling(Saliency(model)).unveil(
