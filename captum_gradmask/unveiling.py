@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import inspect
 import math
 from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
 
@@ -311,8 +312,11 @@ class IterativeUnveiling(Attribution):
 
     def _attribute(self, inputs: Tensor, target: object, attribute_kwargs: dict) -> Tensor:
         """The wrapped method's map of ``inputs``, detached; a layer map (other spatial
-        size) upsampled to the input."""
-        attribution = self.attribution_method.attribute(inputs, target=target, **attribute_kwargs)
+        size) upsampled to the input. Methods without a ``target`` (neuron methods,
+        LayerActivation) get none: the target is then only scored."""
+        if _takes_target(self.attribution_method):
+            attribute_kwargs = {**attribute_kwargs, "target": target}
+        attribution = self.attribution_method.attribute(inputs, **attribute_kwargs)
         if (
             not isinstance(attribution, Tensor)
             or attribution.dim() != inputs.dim()
@@ -367,6 +371,11 @@ class IterativeUnveiling(Attribution):
             )
         check_finite_results((selected,), "the target scores")
         return selected.reshape(-1)
+
+
+def _takes_target(attribution_method: Attribution) -> bool:
+    parameters = inspect.signature(attribution_method.attribute).parameters
+    return "target" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
 
 
 @contextlib.contextmanager

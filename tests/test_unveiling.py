@@ -12,6 +12,7 @@ from captum.attr import (
     IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
+    NeuronGradient,
     NoiseTunnel,
     Saliency,
 )
@@ -495,3 +496,19 @@ def test_unveiling_finds_the_regions_single_shot_misses():
     result = IterativeUnveiling(Saliency(model)).unveil(images, target=1, n_iter=5, kernel_size=5)
     assert (region_recall(single[:, None], regions) * 3).nanmean() <= 1.0 + 1e-6
     assert (region_recall(result.masks, regions)[:, -1] * 3).nanmean() >= 2.5
+
+
+def test_neuron_methods_explain_the_neuron_and_score_the_target():
+    model = max_pooling_cnn()
+    images = blob_images(2, "cpu")
+    neuron = NeuronGradient(model, model[0])
+    result = IterativeUnveiling(neuron).unveil(
+        images, target=1, n_iter=2, kernel_size=3, neuron_selector=(1, 3, 3)
+    )
+    expected = unveil_by_hand(
+        model, lambda x: neuron.attribute(x, neuron_selector=(1, 3, 3)), images, 1, n_iter=2, kernel_size=3
+    )
+    assert torch.equal(result.masks, expected) and expected.any()
+    with torch.no_grad():
+        reference = expected_scores(model, images, result.masks, 0.0, target=1)
+    torch.testing.assert_close(result.scores, reference)
