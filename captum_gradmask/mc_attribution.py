@@ -31,7 +31,9 @@ class MCAttribution(Attribution):
 
     The T attributions are computed in batched passes: the inputs are replicated for
     a chunk of samples and each replicated row runs through its own sub-network, so the
-    result equals a loop over t. Any Captum attribution works, including layer and
+    result equals a loop over t (for methods that draw random numbers, one call draws
+    for all the sub-networks it covers; ``mc_samples_batch_size=1`` draws as a seeded
+    loop would). Any Captum attribution works, including layer and
     neuron methods, ``NoiseTunnel`` (through a factory, see ``attribution_cls``) and
     ``ContrastSaliency``. Methods that compute an example's attribution from the whole
     batch (``FeaturePermutation``; the DeepLift family on a model with ``nn.Softmax``)
