@@ -6,9 +6,15 @@ import pytest
 import scipy.ndimage
 import torch
 from captum.attr import (
+    LRP,
     Attribution,
+    Deconvolution,
+    DeepLift,
+    DeepLiftShap,
     FeaturePermutation,
+    GradientShap,
     GuidedBackprop,
+    InputXGradient,
     IntegratedGradients,
     LayerAttribution,
     LayerGradCam,
@@ -512,3 +518,50 @@ def test_neuron_methods_explain_the_neuron_and_score_the_target():
     with torch.no_grad():
         reference = expected_scores(model, images, result.masks, 0.0, target=1)
     torch.testing.assert_close(result.scores, reference)
+
+
+class PoolingCNN(nn.Module):
+    """Layers every Captum method has rules for (LRP has none for nn.Flatten)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.classifier = nn.Linear(4 * (SIDE // 2) ** 2, 2)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).flatten(1))
+
+
+MORE_METHODS = {
+    "input_x_gradient": (InputXGradient, {}),
+    "deconvolution": (Deconvolution, {}),
+    "lrp": (LRP, {}),
+    "deeplift": (DeepLift, {"baselines": 0.1}),
+    "deeplift_shap": (DeepLiftShap, {"baselines": "distribution"}),
+    "gradient_shap": (GradientShap, {"baselines": "distribution", "n_samples": 3}),
+    "noise_tunnel_integrated_gradients": (
+        lambda model: NoiseTunnel(IntegratedGradients(model)), {"nt_samples": 2, "stdevs": 0.1, "n_steps": 4}
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Setting")
+@pytest.mark.parametrize("name", list(MORE_METHODS))
+def test_more_captum_methods_match_the_loop_by_hand(name):
+    model = PoolingCNN().eval()
+    images = blob_images(2, "cpu", torch.float64)
+    model.double()
+    make, kwargs = MORE_METHODS[name]
+    if kwargs.get("baselines") == "distribution":
+        kwargs = {**kwargs, "baselines": 0.1 * torch.randn(3, 1, SIDE, SIDE, dtype=torch.float64)}
+    method = make(model)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    result = IterativeUnveiling(method).unveil(images, target=1, n_iter=2, kernel_size=3, **kwargs)
+    torch.manual_seed(0)
+    np.random.seed(0)
+    expected = unveil_by_hand(
+        model, lambda x: method.attribute(x, target=1, **kwargs).detach(), images, 1, n_iter=2, kernel_size=3
+    )
+    assert torch.equal(result.masks, expected) and expected.any()
