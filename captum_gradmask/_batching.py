@@ -4,18 +4,21 @@ An argument is per example when it holds one entry per example of the inputs' ba
 of N: a Tensor whose dimension 0 has size N, or a list of N entries (Captum's
 per-example ``target``; ``ContrastSaliency``'s ``contrast_target``). Tuples are looked
 into entry by entry; anything else (numbers, strings, modules, Tensors of another
-first size) is shared by all examples. Wrappers that regroup the examples apply the
-rule here: ``MCAttribution`` repeats per-example arguments once per sub-network,
-``IterativeUnveiling`` splits them into chunks of ``examples_batch_size``. (GradMask
-runs the batch as given and regroups nothing.)
+first size) is shared by all examples. In keyword arguments a Tensor with one row is
+shared too, also at N = 1: Captum broadcasts baselines and feature masks of batch
+size one. Wrappers that regroup the examples apply the rule here: ``MCAttribution``
+repeats per-example arguments once per sub-network, ``IterativeUnveiling`` splits
+them into chunks of ``examples_batch_size``. (GradMask runs the batch as given and
+regroups nothing.)
 
 Two exceptions, both Captum's: the ``baselines`` of the Shap methods (and of
 ``NoiseTunnel(draw_baseline_from_distrib=True)``) are a distribution to draw from, not
 one baseline per example; and a few methods compute each example's attribution from
-the whole batch, so regrouping the examples changes their results.
+the whole batch, so regrouping the examples changes their results. Wrappers
+(NoiseTunnel, MCAttribution) are looked through to find them.
 """
 
-from typing import Dict, FrozenSet
+from typing import Dict, FrozenSet, List, Tuple
 
 from captum.attr import (
     Attribution,
@@ -81,27 +84,45 @@ def regrouped_keywords(
     attribution_method: Attribution, kwargs: Dict[str, object], regroup
 ) -> Dict[str, object]:
     """``kwargs`` of ``attribution_method.attribute`` with ``regroup`` applied to every
-    per-example argument, leaving baseline distributions whole."""
-    shared = _distribution_keywords(attribution_method, kwargs)
-    return {key: value if key in shared else regroup(value) for key, value in kwargs.items()}
+    per-example argument, leaving baseline distributions and one-row Tensors whole."""
+    shared = distribution_keywords(attribution_method, kwargs)
+    return {
+        key: value if key in shared else _regroup_keyword(value, regroup)
+        for key, value in kwargs.items()
+    }
 
 
-def _distribution_keywords(attribution_method: Attribution, kwargs: Dict[str, object]) -> FrozenSet[str]:
-    if isinstance(attribution_method, NoiseTunnel):
-        if kwargs.get("draw_baseline_from_distrib"):
+def _regroup_keyword(value: object, regroup) -> object:
+    if isinstance(value, tuple):
+        return tuple(_regroup_keyword(item, regroup) for item in value)
+    if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == 1:
+        return value
+    return regroup(value)
+
+
+def distribution_keywords(attribution_method: Attribution, kwargs: Dict[str, object]) -> FrozenSet[str]:
+    """The keyword arguments that are a distribution to draw from (``baselines`` of
+    the Shap methods), looking through wrappers."""
+    for method in wrapper_chain(attribution_method):
+        drawn_by_noise_tunnel = isinstance(method, NoiseTunnel) and kwargs.get("draw_baseline_from_distrib")
+        if drawn_by_noise_tunnel or isinstance(method, _BASELINE_DISTRIBUTION_METHODS):
             return frozenset({"baselines"})
-        attribution_method = attribution_method.attribution_method
-    if isinstance(attribution_method, _BASELINE_DISTRIBUTION_METHODS):
-        return frozenset({"baselines"})
     return frozenset()
+
+
+def wrapper_chain(attribution_method: Attribution) -> List[Attribution]:
+    """The method, the method it wraps (NoiseTunnel, MCAttribution, ...), and so on."""
+    chain = [attribution_method]
+    while hasattr(chain[-1], "attribution_method"):
+        chain.append(chain[-1].attribution_method)
+    return chain
 
 
 def batch_dependence(attribution_method: Attribution, forward_func: object) -> str:
     """Why ``attribution_method`` computes an example's attribution from the other
     examples of its batch, or "" if it does not (as far as Captum's methods go).
     Wrappers (NoiseTunnel, MCAttribution) are looked through."""
-    while hasattr(attribution_method, "attribution_method"):
-        attribution_method = attribution_method.attribution_method
+    attribution_method = wrapper_chain(attribution_method)[-1]
     if isinstance(attribution_method, FeaturePermutation):
         return "FeaturePermutation permutes each feature across the examples of the batch"
     if isinstance(attribution_method, _DEEPLIFT_METHODS) and _has_softmax(forward_func):
@@ -133,3 +154,26 @@ def check_per_example_count(value: object, name: str, n_examples: int) -> None:
             f"or one element; got shape {tuple(value.shape)}"
         )
 
+
+
+def check_keyword_rows(
+    kwargs: Dict[str, object], inputs: Tuple[Tensor, ...], shared: FrozenSet[str]
+) -> None:
+    """``baselines`` and ``feature_mask`` Tensors shaped like an input must have one
+    row or one per example (Captum's rule), so that a wrapper that changes the number
+    of rows cannot pass a wrong count off as right."""
+    n_examples = inputs[0].shape[0]
+    for name in ("baselines", "feature_mask"):
+        if name in shared or kwargs.get(name) is None:
+            continue
+        value = kwargs[name]
+        entries = value if isinstance(value, tuple) else (value,)
+        for position, (entry, input) in enumerate(zip(entries, inputs)):
+            if not isinstance(entry, Tensor) or entry.dim() != input.dim():
+                continue  # a number, or a Tensor broadcast from the right
+            if entry.shape[0] not in (1, n_examples):
+                label = f"{name}[{position}]" if isinstance(value, tuple) else name
+                raise ValueError(
+                    f"{label} has {entry.shape[0]} rows but inputs have {n_examples} "
+                    f"examples; give one row per example or one row for all"
+                )

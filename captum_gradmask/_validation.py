@@ -6,6 +6,7 @@ import sys
 import warnings
 from typing import Callable, Iterator, List, Tuple
 
+import captum
 import torch
 from torch import Tensor
 
@@ -50,14 +51,15 @@ def values_checked() -> bool:
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 _TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+_CAPTUM_DIR = os.path.dirname(os.path.abspath(captum.__file__))
 
 
 def warn_at_caller(message: str) -> None:
-    """A ``UserWarning`` attributed to the first frame outside this package and
-    torch, so Python's default filter shows it once per call site of the user's."""
+    """A ``UserWarning`` attributed to the first frame outside this package, torch
+    and Captum, so Python's default filter shows it once per call site of the user's."""
     frame, stacklevel = sys._getframe(0), 1
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(
-        (_PACKAGE_DIR, _TORCH_DIR)
+        (_PACKAGE_DIR, _TORCH_DIR, _CAPTUM_DIR)
     ):
         frame, stacklevel = frame.f_back, stacklevel + 1
     warnings.warn(message, UserWarning, stacklevel=stacklevel)
@@ -226,12 +228,13 @@ def check_targets_in_range(
     per_example_shape = tuple(output_shape[1:])
     for index in targets:
         if len(index) != len(per_example_shape) or not all(
-            0 <= i < size for i, size in zip(index, per_example_shape)
+            -size <= i < size for i, size in zip(index, per_example_shape)
         ):
             raise ValueError(
                 f"{name} {index if len(index) > 1 else index[0]} is out of range for "
                 f"the model output of shape {tuple(output_shape)}; expected "
-                f"{len(per_example_shape)} indices with 0 <= index < {per_example_shape}"
+                f"{len(per_example_shape)} indices with -size <= index < size for the sizes "
+                f"{per_example_shape}"
             )
 
 
@@ -255,8 +258,8 @@ def check_target_in_range(target: object, output_shape: Tuple[int, ...], name: s
         )
     n_classes = output_shape[1]
     check_values(
-        lambda: (target >= 0) & (target < n_classes),
-        f"{name} holds indices outside [0, {n_classes}) for the model output of shape "
+        lambda: (target >= -n_classes) & (target < n_classes),
+        f"{name} holds indices outside [-{n_classes}, {n_classes}) for the model output of shape "
         f"{tuple(output_shape)}",
     )
 

@@ -1,6 +1,6 @@
 """Contrast saliency: the input gradient of |y_target - y_contrast|."""
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 from captum.attr import GradientAttribution
 from captum.log import log_usage
@@ -8,6 +8,7 @@ from torch import Tensor
 
 from captum_gradmask._compat import _format_output, _is_tuple
 from captum_gradmask._validation import (
+    IndexTuple,
     check_finite_results,
     warn_at_caller,
     check_float_inputs,
@@ -62,8 +63,9 @@ class ContrastSaliency(GradientAttribution):
                 ``target``; an example whose per-example entries are equal gets a zero
                 map, and one warning counts them. Under ``NoiseTunnel`` and
                 ``sensitivity_max``, which repeat each example k times in a row and
-                expand ``target`` to match, per-example entries for N examples on a
-                batch of k N rows are expanded the same way. Default: 0
+                expand ``target`` to match, N per-example entries on a batch of k N
+                rows are expanded the same way, provided ``target`` is per example
+                too (so that its expansion shows). Default: 0
             abs (bool): return the absolute value of the gradient (as ``Saliency``
                 does) if True, the signed gradient of |y_t - y_c| if False.
                 Default: True
@@ -78,9 +80,8 @@ class ContrastSaliency(GradientAttribution):
         batch_size = inputs_tuple[0].shape[0]
         targets = per_example_targets(target, batch_size, "target")
         contrasts = per_example_targets(
-            _expanded_like_captum(contrast_target, batch_size), batch_size, "contrast_target"
+            _expanded_like_target(contrast_target, target, batch_size), batch_size, "contrast_target"
         )
-        _check_contrast_differs(targets, contrasts, target, contrast_target)
 
         def contrast_forward(*args: object) -> Tensor:
             output = self.forward_func(*args)
@@ -92,6 +93,10 @@ class ContrastSaliency(GradientAttribution):
                 )
             check_targets_in_range(targets, output.shape, "target")
             check_targets_in_range(contrasts, output.shape, "contrast_target")
+            _check_contrast_differs(
+                _non_negative(targets, output.shape), _non_negative(contrasts, output.shape),
+                target, contrast_target,
+            )
             return (select_targets(output, targets) - select_targets(output, contrasts)).abs()
 
         # Inputs that do not require grad are replaced by leaf aliases that do, so
@@ -108,37 +113,53 @@ class ContrastSaliency(GradientAttribution):
         return _format_output(is_inputs_tuple, gradients)
 
 
-def _expanded_like_captum(contrast_target: object, batch_size: int) -> object:
-    """Per-example entries for N examples on a batch of k N rows, each repeated k
-    times in a row: how NoiseTunnel and sensitivity_max expand ``target``."""
-    if isinstance(contrast_target, Tensor) and contrast_target.dim() == 1 and contrast_target.numel() > 1:
-        contrast_target = contrast_target.tolist()
-    if not isinstance(contrast_target, list) or not contrast_target:
+def _expanded_like_target(contrast_target: object, target: object, batch_size: int) -> object:
+    """Per-example contrasts for N examples on a batch of k N rows whose per-example
+    ``target`` comes in runs of k equal entries: NoiseTunnel and sensitivity_max repeat
+    each example k times in a row and expand ``target`` so; expand the contrasts alike."""
+    contrasts, targets = _as_list(contrast_target), _as_list(target)
+    if contrasts is None or not contrasts or len(contrasts) == batch_size:
         return contrast_target
-    repeats, remainder = divmod(batch_size, len(contrast_target))
-    if repeats <= 1 or remainder:
-        return contrast_target
-    return [entry for entry in contrast_target for _ in range(repeats)]
+    repeats, remainder = divmod(batch_size, len(contrasts))
+    if remainder:
+        return contrast_target  # refused with the count by per_example_targets
+    runs = None if targets is None or len(targets) != batch_size else [
+        targets[start : start + repeats] for start in range(0, batch_size, repeats)
+    ]
+    if runs is None or any(run != run[:1] * repeats for run in runs):
+        raise ValueError(
+            f"contrast_target has {len(contrasts)} entries but inputs have {batch_size} "
+            "examples. If a wrapper (NoiseTunnel, sensitivity_max) repeated each example "
+            f"{repeats} times, give target per example too, so that both are expanded alike"
+        )
+    return [entry for entry in contrasts for _ in range(repeats)]
+
+
+def _as_list(value: object) -> Optional[list]:
+    if isinstance(value, Tensor) and value.dim() == 1 and value.numel() > 1:
+        return value.tolist()
+    return value if isinstance(value, list) else None
+
+
+def _non_negative(indices: List[IndexTuple], output_shape) -> List[IndexTuple]:
+    sizes = output_shape[1:]
+    return [tuple(i % size for i, size in zip(index, sizes)) for index in indices]
 
 
 def _check_contrast_differs(targets, contrasts, target: object, contrast_target: object) -> None:
-    """Equal single values are an error; equal per-example entries give zero maps
-    (|y_t - y_t| = 0 has zero gradient) and a warning that counts them."""
-    equal = sum(t == c for t, c in zip(targets, contrasts))
-    if equal == 0:
+    """Equal single values are an error; rows with equal per-example entries get zero
+    maps (|y_t - y_t| = 0 has zero gradient) and a warning that counts them."""
+    equal_rows = [row for row, (t, c) in enumerate(zip(targets, contrasts)) if t == c]
+    if not equal_rows:
         return
-    if equal == len(targets) and not _is_per_example(target) and not _is_per_example(contrast_target):
+    if _as_list(target) is None and _as_list(contrast_target) is None:
         raise ValueError(
             "contrast_target must differ from target; got target="
             f"{target!r} and contrast_target={contrast_target!r}"
         )
-    rows = [row for row, (t, c) in enumerate(zip(targets, contrasts)) if t == c]
-    shown = ", ".join(map(str, rows[:10])) + (", ..." if len(rows) > 10 else "")
+    shown = ", ".join(map(str, equal_rows[:10])) + (", ..." if len(equal_rows) > 10 else "")
     warn_at_caller(
-        f"{equal} of {len(targets)} examples have target == contrast_target (rows "
-        f"{shown}); their contrast saliency is zero"
+        f"target == contrast_target in {len(equal_rows)} of the {len(targets)} rows "
+        f"ContrastSaliency received (rows {shown}; wrappers such as NoiseTunnel and "
+        "MCAttribution repeat examples): their contrast saliency is zero"
     )
-
-
-def _is_per_example(value: object) -> bool:
-    return isinstance(value, list) or (isinstance(value, Tensor) and value.numel() > 1)

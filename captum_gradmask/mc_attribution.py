@@ -10,7 +10,9 @@ from torch import Tensor, nn
 
 from captum_gradmask._batching import (
     batch_dependence,
+    check_keyword_rows,
     check_per_example_count,
+    distribution_keywords,
     regrouped_keywords,
     repeat_examples,
 )
@@ -124,6 +126,7 @@ class MCAttribution(Attribution):
         is_inputs_tuple = _is_tuple(inputs)
         inputs_tuple = check_float_inputs(inputs, forward_func=self.mc_model.model)
         check_baselines(kwargs.get("baselines"), inputs_tuple)
+        check_keyword_rows(kwargs, inputs_tuple, distribution_keywords(self.attribution_method, kwargs))
         batch_size = inputs_tuple[0].shape[0]
         check_per_example_count(target, "target", batch_size)
         samples_per_pass = check_batch_size(

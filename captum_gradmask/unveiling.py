@@ -12,7 +12,12 @@ from captum.log import log_usage
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from captum_gradmask._batching import batch_dependence, regrouped_keywords, select_examples
+from captum_gradmask._batching import (
+    batch_dependence,
+    regrouped_keywords,
+    select_examples,
+    wrapper_chain,
+)
 from captum_gradmask._compat import _format_output, _is_tuple, _run_forward, _select_targets
 from captum_gradmask._state import evaluation_mode
 from captum_gradmask._validation import (
@@ -375,7 +380,9 @@ class IterativeUnveiling(Attribution):
 
 
 def _takes_target(attribution_method: Attribution) -> bool:
-    parameters = inspect.signature(attribution_method.attribute).parameters
+    """Whether the innermost method (inside NoiseTunnel, MCAttribution) takes a target."""
+    innermost = wrapper_chain(attribution_method)[-1]
+    parameters = inspect.signature(innermost.attribute).parameters
     return "target" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
 
 

@@ -110,8 +110,9 @@ def test_rows_with_target_equal_to_contrast_get_zero_maps(device):
     torch.manual_seed(7)
     model = small_cnn(n_classes=3).to(device).double()
     x = torch.randn(4, 1, 6, 6, device=device, dtype=torch.float64)
-    with pytest.warns(UserWarning, match=r"2 of 4 examples have target == contrast_target \(rows 1, 3\)"):
-        ours = ContrastSaliency(model).attribute(x, target=[1, 2, 0, 0], contrast_target=[0, 2, 1, 0])
+    with pytest.warns(UserWarning, match=r"target == contrast_target in 2 of the 4 rows ContrastSaliency received \(rows 1, 3;") as record:
+        ours = ContrastSaliency(model).attribute(x, target=[1, 2, 0, -3], contrast_target=[0, 2, 1, 0])
+    assert record[0].filename == __file__  # attributed to the caller, not to Captum
     assert not ours[[1, 3]].any()
     torch.testing.assert_close(ours[0], contrast_reference(model, x[:1], 1, 0).abs()[0], rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ours[2], contrast_reference(model, x[2:3], 0, 1).abs()[0], rtol=1e-12, atol=1e-12)
@@ -147,6 +148,29 @@ def test_per_example_contrast_under_captum_expansion(device, expand):
         reference = sensitivity_max(Saliency(contrast_output).attribute, x, n_perturb_samples=4,
                                     max_examples_per_batch=9)
     torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-12)
+
+
+def test_negative_targets_index_from_the_end_as_in_captum(device):
+    torch.manual_seed(9)
+    model = small_cnn(n_classes=3).to(device).double()
+    x = torch.randn(2, 1, 6, 6, device=device, dtype=torch.float64)
+    negative = ContrastSaliency(model).attribute(x, target=-1, contrast_target=[-3, 1])
+    positive = ContrastSaliency(model).attribute(x, target=2, contrast_target=[0, 1])
+    torch.testing.assert_close(negative, positive, rtol=0, atol=0)
+
+
+def test_contrast_list_of_another_length_is_refused_unless_target_shows_the_expansion():
+    model = small_cnn()
+    x = torch.randn(4, 1, 6, 6)
+    with pytest.raises(ValueError, match="contrast_target has 2 entries but inputs have 4 examples. If a wrapper"):
+        ContrastSaliency(model).attribute(x, target=1, contrast_target=[0, 1])
+    with pytest.raises(ValueError, match="contrast_target has 2 entries but inputs have 4 examples"):
+        ContrastSaliency(model).attribute(x, target=[1, 0, 1, 0], contrast_target=[0, 1])
+    with pytest.raises(ValueError, match="contrast_target has 3 entries but inputs have 4 examples"):
+        ContrastSaliency(model).attribute(x, target=[1, 1, 0, 0], contrast_target=[0, 1, 1])
+    expanded = ContrastSaliency(model).attribute(x, target=[1, 1, 0, 0], contrast_target=[0, 1])
+    explicit = ContrastSaliency(model).attribute(x, target=[1, 1, 0, 0], contrast_target=[0, 0, 1, 1])
+    assert torch.equal(expanded, explicit)
 
 
 def test_captum_metrics_and_visualization(device):
@@ -234,8 +258,14 @@ def test_captum_saliency_configs(case):
     output = model(*inputs_tuple, *extra)
     batch_size = output.shape[0]
     targets = _per_example(target, batch_size)
-    # Per-example contrasts: under NoiseTunnel they are expanded like `target`.
+    # Per-example contrasts: under NoiseTunnel they are expanded like `target`, which
+    # must then be per example too for the expansion to show.
     contrasts = _contrast_indices(output.shape, targets)
+    single_target = not isinstance(target, list) and not (isinstance(target, torch.Tensor) and target.numel() > 1)
+    if case.get("noise_tunnel", False) and single_target:
+        with pytest.raises(ValueError, match="give target per example too"):
+            NoiseTunnel(ContrastSaliency(model)).attribute(inputs, target=target, contrast_target=contrasts, **args)
+        return
 
     def select(out, index):
         return torch.stack([out[(b, *(i if isinstance(i, tuple) else (i,)))] for b, i in enumerate(index)])
@@ -268,7 +298,7 @@ def test_captum_saliency_configs(case):
     [
         (dict(target=1, contrast_target=1), ValueError, "contrast_target must differ"),
         (dict(target=2), ValueError, "target 2 is out of range"),
-        (dict(target=-1), ValueError, "target -1 is out of range"),
+        (dict(target=-3), ValueError, "target -3 is out of range"),
         (dict(contrast_target=5), ValueError, "contrast_target 5 is out of range"),
         (dict(target=(1, 0)), ValueError, "target \\(1, 0\\) is out of range"),
         (dict(target=[0, 1, 1]), ValueError, "target has 3 entries but inputs have 2"),

@@ -2,10 +2,12 @@
 ``per_sub_network``: masks probed from outside, applied by hooks on the plain model),
 on float32 ReLU / max-pool / BatchNorm networks, 2-D and 3-D, at batch sizes 1 and 2."""
 
+import numpy as np
 import pytest
 import torch
 from captum.attr import (
     DeepLift,
+    DeepLiftShap,
     Deconvolution,
     FeatureAblation,
     FeaturePermutation,
@@ -222,3 +224,63 @@ def test_forward_func_is_the_mean_model_and_unveiling_runs(device):
     result = IterativeUnveiling(attribution).unveil(x, target=1, n_iter=2, kernel_size=3)
     with torch.no_grad():
         assert_close(result.scores[:, 0], mc_model(x).mean(0)[:, 1], torch.float64)
+
+
+def test_one_row_feature_mask_is_broadcast_at_batch_size_one(device):
+    """A (1, H, W) mask broadcasts over (N, 1, H, W) inputs from the right: its
+    first dimension is the channel, not the batch."""
+    model = dropout_net(2).to(device, torch.float64)
+    mc_model = MCDropout(model, n_samples=T)
+    x = images(1, 2, device, torch.float64)
+    feature_mask = (torch.arange(36, device=device).view(1, 6, 6) // 9)
+    expected, _ = reference(mc_model, x, FeatureAblation, target=1, feature_mask=feature_mask)
+    ours = MCAttribution(FeatureAblation, mc_model).attribute(x, target=1, feature_mask=feature_mask)
+    assert_close(ours, expected, torch.float64)
+
+
+def test_baselines_with_as_many_rows_as_the_replicated_batch_are_refused(device):
+    mc_model = MCDropout(dropout_net(2).to(device), n_samples=T)
+    x = images(1, 2, device)
+    with pytest.raises(ValueError, match="baselines has 3 rows but inputs have 1 examples"):
+        MCAttribution(IntegratedGradients, mc_model).attribute(x, target=1, baselines=torch.zeros(T, 1, 6, 6))
+    with pytest.raises(ValueError, match=r"feature_mask has 3 rows but inputs have 1 examples"):
+        MCAttribution(FeatureAblation, mc_model).attribute(
+            x, target=1, feature_mask=torch.zeros(T, 1, 6, 6, dtype=torch.long)
+        )
+
+
+@pytest.mark.filterwarnings("ignore:Setting forward, backward hooks")
+@pytest.mark.parametrize("method", [DeepLiftShap, RecordingGradientShap])
+def test_unveiling_chunks_keep_the_distribution_whole_through_mc_attribution(device, method):
+    """The distribution has N rows; splitting it per chunk changed the maps 0.56."""
+    model = dropout_net(2).to(device, torch.float64)
+    mc_model = MCDropout(model, n_samples=T)
+    x = images(2, 2, device, torch.float64)
+    distribution = 0.1 * images(2, 2, device, torch.float64).flip(0)
+    unveiling = IterativeUnveiling(MCAttribution(method, mc_model))
+    results = []
+    for chunk in (None, 1):
+        torch.manual_seed(0)
+        np.random.seed(0)
+        results.append(unveiling.unveil(
+            x, target=1, n_iter=2, kernel_size=3, baselines=distribution, examples_batch_size=chunk
+        ))
+    if method is DeepLiftShap:  # deterministic: the same maps
+        torch.testing.assert_close(results[1].attributions, results[0].attributions, rtol=1e-10, atol=1e-12)
+    else:  # random draws differ per chunk; the distribution must reach each chunk whole
+        assert unveiling.attribution_method.attribution_method.baseline_rows == 2
+
+
+@pytest.mark.parametrize("wrap", ["noise_tunnel", "mc_attribution"])
+@pytest.mark.parametrize("method", [NeuronGradient, LayerActivation])
+def test_unveiling_wrapped_methods_without_target(device, wrap, method):
+    model = dropout_net(2).to(device, torch.float64)
+    mc_model = MCDropout(model, n_samples=T)
+    x = images(2, 2, device, torch.float64)
+    kwargs = {"neuron_selector": (1, 2, 2)} if method is NeuronGradient else {}
+    if wrap == "noise_tunnel":
+        wrapped, kwargs = NoiseTunnel(method(model, model[0])), {**kwargs, "nt_samples": 2, "stdevs": 0.0}
+    else:
+        wrapped = MCAttribution(method, mc_model, layer=model[0])
+    result = IterativeUnveiling(wrapped).unveil(x, target=1, n_iter=2, kernel_size=3, **kwargs)
+    assert result.n_found.min() > 0

@@ -338,7 +338,7 @@ def test_nan_attributions_raise():
         ({"target": None}, ValueError, "target must select one model output per example"),
         ({"examples_batch_size": 0}, ValueError, "examples_batch_size must be None or an int >= 1, got 0"),
         ({"target": 2}, ValueError, r"target 2 is out of range for the model output of shape \(1, 2\)"),
-        ({"target": torch.tensor([3])}, ValueError, r"target holds indices outside \[0, 2\)"),
+        ({"target": torch.tensor([3])}, ValueError, r"target holds indices outside \[-2, 2\)"),
         ({"examples_batch_size": 2.0}, ValueError, "examples_batch_size must be None or an int >= 1, got 2.0"),
     ],
 )
