@@ -191,3 +191,37 @@ def state_restored_on_error(run: ModulesRun, rng: ReplayableRandomState) -> Iter
                 module._buffers[name].copy_(value)
         rng.restore()
         raise
+
+
+@contextlib.contextmanager
+def forward_hooks(hooks: Sequence[Tuple[nn.Module, object]]) -> Iterator[None]:
+    """Register each (module, hook) as a forward hook for the block; removed on exit."""
+    handles = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def no_global_random_draws(device: torch.device, refusal: str) -> Iterator[None]:
+    """Raise a RuntimeError with ``refusal`` if the block drew from the global random
+    generators (CPU, or the CUDA device's); restore them in any case."""
+    cpu_state = torch.get_rng_state()
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        cpu_changed = not torch.equal(torch.get_rng_state(), cpu_state)
+        cuda_changed = cuda_state is not None and not torch.equal(
+            torch.cuda.get_rng_state(device), cuda_state
+        )
+        if cpu_changed:
+            torch.set_rng_state(cpu_state)
+        if cuda_changed:
+            torch.cuda.set_rng_state(cuda_state, device)
+    if cpu_changed or cuda_changed:
+        raise RuntimeError(refusal)

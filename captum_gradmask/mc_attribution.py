@@ -17,9 +17,9 @@ from captum_gradmask._batching import (
     repeat_examples,
 )
 from captum_gradmask._compat import _format_additional_forward_args, _is_tuple
+from captum_gradmask._state import forward_hooks
 from captum_gradmask._validation import (
     check_baselines,
-    check_batch_size,
     check_finite_results,
     check_float_inputs,
     check_target_in_range,
@@ -129,11 +129,9 @@ class MCAttribution(Attribution):
         check_keyword_rows(kwargs, inputs_tuple, distribution_keywords(self.attribution_method, kwargs))
         batch_size = inputs_tuple[0].shape[0]
         check_per_example_count(target, "target", batch_size)
-        samples_per_pass = check_batch_size(
-            mc_samples_batch_size, "mc_samples_batch_size", self.mc_model.n_samples
-        )
         if batch_dependence(self.attribution_method, self.mc_model.model):
-            samples_per_pass = 1
+            mc_samples_batch_size = 1
+        sample_chunks = self.mc_model.sample_chunks(mc_samples_batch_size)
         inputs_tuple = tuple(x.detach() for x in inputs_tuple)  # caller's graph untouched
         call = _SubNetworkCall(
             self.attribution_method, inputs_tuple, is_inputs_tuple, target,
@@ -143,12 +141,11 @@ class MCAttribution(Attribution):
         def check_target_on_outputs(module, args, outputs) -> None:
             check_target_in_range(target, (batch_size, *outputs.shape[1:]))
 
-        target_check = self._sub_networks.register_forward_hook(check_target_on_outputs)
-        with self.mc_model._fixed_masks(), target_check:  # the handle removes the hook
-            chunks = [
-                call(samples)
-                for samples in self.mc_model._sample_chunks(samples_per_pass, inputs_tuple[0].device)
-            ]
+        chunks = []
+        with forward_hooks([(self._sub_networks, check_target_on_outputs)]):
+            for samples in sample_chunks:
+                with self.mc_model.sampling(samples):
+                    chunks.append(call(samples))
         return _summarise(chunks, return_std, bool(kwargs.get("return_convergence_delta")))
 
 
@@ -166,8 +163,10 @@ class _SubNetworkCall:
         self.kwargs = kwargs
         self.returns_delta = bool(kwargs.get("return_convergence_delta"))
 
-    def __call__(self, samples: Tensor) -> "_ChunkResult":
+    def __call__(self, samples: range) -> "_ChunkResult":
         copies, n_examples = len(samples), self.inputs_tuple[0].shape[0]
+        device = self.inputs_tuple[0].device
+        row_samples = torch.arange(samples.start, samples.stop, device=device).repeat_interleave(n_examples)
         repeat = functools.partial(repeat_examples, copies=copies, n_examples=n_examples)
         # Our own copies: asking for gradients here leaves the caller's flags alone and
         # spares Captum's warning about inputs without gradients.
@@ -177,7 +176,7 @@ class _SubNetworkCall:
             call_kwargs["target"] = repeat(self.target)
         result = self.method.attribute(
             rows if self.is_inputs_tuple else rows[0],
-            additional_forward_args=(*repeat(self.forward_args), samples.repeat_interleave(n_examples)),
+            additional_forward_args=(*repeat(self.forward_args), row_samples),
             **call_kwargs,
         )
         attributions, delta = result if self.returns_delta else (result, None)
@@ -240,7 +239,7 @@ class _SubNetworkForward(nn.Module):
 
     def forward(self, *args: object) -> Tensor:
         *model_args, row_samples = args
-        return self.mc_model._run_rows(tuple(model_args), row_samples)
+        return self.mc_model.run_rows(tuple(model_args), row_samples)
 
 
 class _MeanOverSubNetworks(nn.Module):

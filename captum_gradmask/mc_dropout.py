@@ -11,7 +11,7 @@ the batch size or on how the T samples are chunked. ``MCAttribution``
 
 import contextlib
 import functools
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from captum_gradmask._batching import repeat_examples
 from captum_gradmask._compat import _format_additional_forward_args
-from captum_gradmask._state import preserved_training_modes
+from captum_gradmask._state import forward_hooks, no_global_random_draws, preserved_training_modes
 from captum_gradmask._validation import (
     check_batch_size,
     check_finite_results,
@@ -33,28 +33,61 @@ from captum_gradmask.uncertainty import Uncertainty, uncertainty_from_log_probs
 _CHANNEL_WISE_INPUT_DIMS = {nn.Dropout1d: 3, nn.Dropout2d: 4, nn.Dropout3d: 5}
 _SUPPORTED_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)
 _UNSUPPORTED_DROPOUT = (nn.AlphaDropout, nn.FeatureAlphaDropout) + _SUPPORTED_DROPOUT
+_GLOBAL_DRAW_REFUSAL = (
+    "the model drew from the global random generator during an MC-dropout pass (e.g. "
+    "F.dropout(x, training=True), F.scaled_dot_product_attention(dropout_p > 0) or a "
+    "random layer in forward); MCDropout fixes the masks of nn.Dropout, "
+    "nn.Dropout1d/2d/3d and stochastic-depth (DropPath, StochasticDepth) layers only: "
+    "turn the other randomness off"
+)
+
+
+class StochasticLayer(NamedTuple):
+    """A layer MCDropout samples: in eval mode it returns its input, and sub-network t
+    multiplies that by a fixed mask of kept (``keep_scale``) and dropped (0) values."""
+
+    name: str
+    module: nn.Module
+    drop_probability: float
+    keep_scale: float
+    mask_kind: str  # "element" (nn.Dropout), "channel" (Dropout1d/2d/3d) or "sample"
 
 
 class MCDropout(nn.Module):
     r"""T dropout sub-networks of ``model``, evaluated together.
 
-    Sub-network t multiplies the input of every dropout layer by a mask drawn once for
-    t and shared by all examples: element-wise for ``nn.Dropout``, one value per
-    channel for ``nn.Dropout1d/2d/3d``. Masks come from a private generator seeded by
-    ``seed``: the same ``seed`` gives the same sub-networks on any device, for any batch
-    size and chunking, and the global random state is never used. During a call the
-    model is in eval mode (BatchNorm uses its running statistics and does not update
-    them); modes are restored afterwards, also after an exception.
+    Sub-network t multiplies the output of every stochastic layer (in eval mode, its
+    input) by a mask drawn once for t and shared by all examples: element-wise for
+    ``nn.Dropout``, one value per channel for ``nn.Dropout1d/2d/3d``, one value per
+    sub-network for stochastic depth (MONAI's or timm's ``DropPath``, torchvision's
+    ``StochasticDepth``). The masks are set by forward hooks, drawn on the inputs'
+    device for the sub-networks of one pass only (so ``mc_samples_batch_size`` bounds
+    their memory too) from one seed per (layer, sub-network) derived from ``seed``:
+    the same ``seed`` gives the same sub-networks for any batch size and chunking on
+    a device type, and the global random state is never used. Layers with p = 0 are
+    left alone. During a call the model is in eval mode (BatchNorm uses its running
+    statistics and does not update them); modes are restored afterwards, also after
+    an exception.
 
-    Refused: a model without ``nn.Dropout``/``Dropout1d/2d/3d``, ``AlphaDropout``,
-    ``FeatureAlphaDropout``, subclasses of the dropout layers, and
-    ``nn.MultiheadAttention`` with ``dropout > 0`` (its attention dropout cannot take a
-    fixed mask; set its ``dropout`` to 0). A model that draws from the global random
-    generator during the forward pass (e.g. ``F.dropout(x, training=True)``) raises a
-    RuntimeError. ``F.dropout(x, training=self.training)`` cannot be detected: it is
-    off in eval mode, so it does not take part in sampling. A dropout layer called
-    twice in one forward pass applies the same mask both times. Every dropout input
-    must keep the batch in dimension 0.
+    A layer whose input folds other rows into the batch dimension (window attention:
+    B x windows rows) gets one mask per folded row, provided the batch comes first
+    (row b * k + w belongs to example b, as in MONAI's window partition).
+
+    Refused: a model without a stochastic layer of p > 0, ``AlphaDropout``,
+    ``FeatureAlphaDropout``, subclasses of the dropout layers,
+    ``nn.MultiheadAttention`` with ``dropout > 0``, attention blocks that call
+    ``F.scaled_dot_product_attention`` with dropout (MONAI's ``use_flash_attention``)
+    and MONAI's EfficientNet ``drop_connect`` (a function, not a layer); each error
+    says how to run the model instead. A model that draws from the global random
+    generator during the forward pass raises a RuntimeError.
+    ``F.dropout(x, training=self.training)`` cannot be detected: it is off in eval
+    mode, so it does not take part in sampling. A layer called twice in one forward
+    pass applies the same mask both times.
+
+    Activation-checkpointed models recompute their blocks during backward: a backward
+    through ``MCAttribution`` works (it runs inside the sampling context); for a
+    backward through the output of ``mc_model(x)`` itself, run both in
+    ``with mc_model.sampling(range(mc_model.n_samples)):`` using ``run_rows``.
 
     Args:
         model (nn.Module): a network with at least one dropout layer.
@@ -80,14 +113,14 @@ class MCDropout(nn.Module):
         self.model = model
         self.n_samples = n_samples
         self.seed = seed
-        self._dropout_layers = _find_dropout_layers(model)
-        # One independent seed per layer, so each layer's masks depend only on
-        # (seed, layer, T, feature shape).
+        self.stochastic_layers = find_stochastic_layers(model)
+        # One seed per layer; sub-network t of a layer draws from (layer seed, t), so a
+        # mask does not depend on which other sub-networks share its pass.
         seeds = torch.randint(
-            0, 2**62, (len(self._dropout_layers),), generator=torch.Generator().manual_seed(seed)
+            0, 2**62, (len(self.stochastic_layers),), generator=torch.Generator().manual_seed(seed)
         )
         self._layer_seeds = seeds.tolist()
-        self._row_samples: Optional[Tensor] = None
+        self._pass: Optional[_Pass] = None
 
     def forward(
         self,
@@ -110,17 +143,15 @@ class MCDropout(nn.Module):
             Tensor: outputs of the T sub-networks stacked, shape (T, N, ...).
         """
         inputs_tuple = check_float_inputs(inputs, forward_func=self.model)
-        samples_per_pass = check_batch_size(
-            mc_samples_batch_size, "mc_samples_batch_size", self.n_samples
-        )
         model_args = inputs_tuple + (_format_additional_forward_args(additional_forward_args) or ())
         batch_size = inputs_tuple[0].shape[0]
         outputs = []
-        with self._fixed_masks():
-            for samples in self._sample_chunks(samples_per_pass, inputs_tuple[0].device):
+        for samples in self.sample_chunks(mc_samples_batch_size):
+            with self.sampling(samples):
                 rows = repeat_examples(model_args, len(samples), batch_size)
-                output = self._run_rows(rows, samples.repeat_interleave(batch_size))
-                outputs.append(output.unflatten(0, (len(samples), batch_size)))
+                row_samples = torch.arange(samples.start, samples.stop, device=inputs_tuple[0].device)
+                output = self.run_rows(rows, row_samples.repeat_interleave(batch_size))
+            outputs.append(output.unflatten(0, (len(samples), batch_size)))
         stacked = torch.cat(outputs)
         check_finite_results((stacked,), "the model outputs")
         return stacked
@@ -163,37 +194,38 @@ class MCDropout(nn.Module):
         result = uncertainty_from_log_probs(log_probs, class_dim=-1)
         return result._replace(mean=result.mean[..., 1])
 
-    def _sample_chunks(self, samples_per_pass: int, device: torch.device) -> Tuple[Tensor, ...]:
-        return torch.arange(self.n_samples, device=device).split(samples_per_pass)
+    def sample_chunks(self, mc_samples_batch_size: Optional[int]) -> List[range]:
+        """The sub-networks 0..T-1 in passes of ``mc_samples_batch_size`` (all T for None)."""
+        size = check_batch_size(mc_samples_batch_size, "mc_samples_batch_size", self.n_samples)
+        return [range(start, min(start + size, self.n_samples)) for start in range(0, self.n_samples, size)]
 
     @contextlib.contextmanager
-    def _fixed_masks(self) -> Iterator[None]:
-        """While active, the model is in eval mode and every dropout layer multiplies
-        row r of its input by the mask of sub-network ``self._row_samples[r]``."""
-        masks: Dict[tuple, Tensor] = {}  # drawn at first use, kept for the whole call
-        layers = [layer for _, layer in self._dropout_layers]
-        own_forwards = [layer.__dict__.get("forward") for layer in layers]
-        with preserved_training_modes(self.model):
-            self.model.eval()
-            try:
-                for index, layer in enumerate(layers):
-                    layer.forward = functools.partial(self._masked_dropout, index, masks)
-                yield
-            finally:
-                for layer, forward in zip(layers, own_forwards):
-                    del layer.forward
-                    if forward is not None:
-                        layer.forward = forward
-
-    def _run_rows(self, args: Tuple[object, ...], row_samples: Tensor) -> Tensor:
-        """Run the model with row r of the batch through sub-network ``row_samples[r]``;
-        only inside ``_fixed_masks``."""
-        self._row_samples = row_samples
+    def sampling(self, samples: range) -> Iterator[None]:
+        """Within the block the model is in eval mode and ``run_rows`` runs rows through
+        the sub-networks ``samples``; their masks are drawn at first use and kept until
+        the block ends (for every pass and backward of the block)."""
+        if self._pass is not None:
+            raise RuntimeError("MCDropout.sampling cannot be nested")
+        hooks = [
+            (layer.module, functools.partial(self._masked_output, index))
+            for index, layer in enumerate(self.stochastic_layers)
+        ]
+        self._pass = _Pass(samples)
         try:
-            with _no_global_random_draws(row_samples.device):
-                output = self.model(*args)
+            with preserved_training_modes(self.model), forward_hooks(hooks):
+                self.model.eval()
+                yield
         finally:
-            self._row_samples = None
+            self._pass = None
+
+    def run_rows(self, args: Tuple[object, ...], row_samples: Tensor) -> Tensor:
+        """Run the model on ``args`` with row r of the batch through sub-network
+        ``row_samples[r]`` (one of the ``sampling`` block's); only inside ``sampling``."""
+        if self._pass is None:
+            raise RuntimeError("MCDropout.run_rows runs only inside `with mc_model.sampling(...)`")
+        self._pass.row_positions = row_samples - self._pass.samples.start
+        with no_global_random_draws(row_samples.device, _GLOBAL_DRAW_REFUSAL):
+            output = self.model(*args)
         if (
             not isinstance(output, Tensor)
             or output.dim() == 0
@@ -205,91 +237,127 @@ class MCDropout(nn.Module):
             )
         return output
 
-    def _masked_dropout(
-        self, layer_index: int, masks: Dict[tuple, Tensor], input: Tensor
-    ) -> Tensor:
-        name, layer = self._dropout_layers[layer_index]
-        row_samples = self._row_samples
-        if input.dim() == 0 or input.shape[0] != len(row_samples):
+    def _masked_output(self, layer_index: int, module: nn.Module, args, output: Tensor) -> Tensor:
+        layer = self.stochastic_layers[layer_index]
+        positions = self._pass.row_positions
+        n_rows = len(positions)
+        if output.dim() == 0 or output.shape[0] % n_rows:
             raise ValueError(
-                f"dropout layer {name!r} got an input of shape {tuple(input.shape)}, but "
-                f"the batch has {len(row_samples)} rows; MCDropout needs every dropout "
-                "input to keep the batch in dimension 0"
+                f"layer {layer.name!r} got an input of shape {tuple(output.shape)}, but the "
+                f"batch has {n_rows} rows; MCDropout needs the batch first in every "
+                "stochastic layer's input (possibly folded with other rows, batch first)"
             )
-        feature_shape = _mask_feature_shape(name, layer, input)
-        key = (layer_index, feature_shape, input.device, input.dtype)
-        if key not in masks:
-            masks[key] = self._draw_masks(layer_index, feature_shape, input)
-        return input * masks[key][row_samples]
+        folds = output.shape[0] // n_rows
+        mask_shape = (folds, *_feature_mask_shape(layer, output))
+        key = (layer_index, mask_shape, output.device, output.dtype)
+        if key not in self._pass.masks:
+            self._pass.masks[key] = self._draw_masks(layer_index, mask_shape, output)
+        per_row = output.reshape(n_rows, folds, *output.shape[1:])
+        return (per_row * self._pass.masks[key][positions]).reshape(output.shape)
 
-    def _draw_masks(self, layer_index: int, feature_shape: Tuple[int, ...], like: Tensor) -> Tensor:
-        """Scaled keep-masks (T, *feature_shape) of one layer: 0 or 1 / (1 - p)."""
-        p = self._dropout_layers[layer_index][1].p
-        generator = torch.Generator().manual_seed(self._layer_seeds[layer_index])
-        # Drawn on the CPU so that a seed gives the same sub-networks on every device.
-        uniform = torch.rand((self.n_samples, *feature_shape), generator=generator)
-        keep = (uniform >= p).to(device=like.device, dtype=like.dtype)
-        return keep * (1.0 / (1.0 - p)) if p < 1 else keep
+    def _draw_masks(self, layer_index: int, mask_shape: Tuple[int, ...], like: Tensor) -> Tensor:
+        """Masks (len(samples), *mask_shape) of one layer for the pass's sub-networks:
+        0 or ``keep_scale``, sub-network t from its own seed, on ``like``'s device."""
+        layer = self.stochastic_layers[layer_index]
+        # The meta device (shapes without values) has no generator and needs none.
+        generator = None if like.device.type == "meta" else torch.Generator(device=like.device)
+        masks = torch.empty((len(self._pass.samples), *mask_shape), device=like.device, dtype=like.dtype)
+        for position, sample in enumerate(self._pass.samples):
+            if generator is not None:
+                generator.manual_seed(_sample_seed(self._layer_seeds[layer_index], sample))
+            uniform = torch.rand(mask_shape, generator=generator, device=like.device)
+            masks[position] = (uniform >= layer.drop_probability) * layer.keep_scale
+        return masks
 
 
-def _find_dropout_layers(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+class _Pass:
+    """The state of one ``sampling`` block: its sub-networks, the rows' positions
+    among them, and the masks drawn so far."""
+
+    def __init__(self, samples: range) -> None:
+        self.samples = samples
+        self.row_positions: Optional[Tensor] = None
+        self.masks: Dict[tuple, Tensor] = {}
+
+
+def _sample_seed(layer_seed: int, sample: int) -> int:
+    return (layer_seed * 1_000_003 + sample) % 2**63
+
+
+def _feature_mask_shape(layer: StochasticLayer, output: Tensor) -> Tuple[int, ...]:
+    """The shape of one row's mask (broadcast over the rest of the row)."""
+    if layer.mask_kind == "element":
+        return tuple(output.shape[1:])
+    if layer.mask_kind == "sample":
+        return (1,) * (output.dim() - 1)
+    expected_dim = _CHANNEL_WISE_INPUT_DIMS[type(layer.module)]
+    if output.dim() != expected_dim:
+        raise ValueError(
+            f"{type(layer.module).__name__} layer {layer.name!r} got a {output.dim()}-D input "
+            f"of shape {tuple(output.shape)}; MCDropout needs batched {expected_dim}-D "
+            "inputs (N, C, ...)"
+        )
+    return (output.shape[1],) + (1,) * (expected_dim - 2)
+
+
+def find_stochastic_layers(model: nn.Module) -> List[StochasticLayer]:
+    """The layers of ``model`` MCDropout samples (p > 0); refuses randomness it cannot fix."""
     layers = []
     for name, module in model.named_modules():
         label = name or type(model).__name__
-        if type(module) in _SUPPORTED_DROPOUT:
-            layers.append((label, module))
-        elif isinstance(module, _UNSUPPORTED_DROPOUT):
-            raise ValueError(
-                f"{label!r} is a {type(module).__name__}; MCDropout controls only "
-                "nn.Dropout and nn.Dropout1d/2d/3d (not their subclasses or alpha dropout)"
-            )
-        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
-            raise ValueError(
-                f"{label!r} is an nn.MultiheadAttention with dropout={module.dropout}; its "
-                "attention dropout cannot take a fixed mask. Set its dropout to 0 (use "
-                "nn.Dropout layers for MC sampling)"
-            )
+        _refuse_unfixable_randomness(label, module)
+        layer = _stochastic_layer(label, module)
+        if layer is not None and layer.drop_probability > 0:
+            layers.append(layer)
     if not layers:
         raise ValueError(
-            f"model ({type(model).__name__}) has no nn.Dropout or nn.Dropout1d/2d/3d "
-            "layer; MC dropout needs at least one"
+            f"model ({type(model).__name__}) has no nn.Dropout, nn.Dropout1d/2d/3d or "
+            "stochastic-depth layer with p > 0; MC dropout needs at least one"
         )
-    if all(layer.p == 0 for _, layer in layers):
-        raise ValueError("every dropout layer of model has p=0; MC dropout needs p > 0")
     return layers
 
 
-def _mask_feature_shape(name: str, layer: nn.Module, input: Tensor) -> Tuple[int, ...]:
-    expected_dim = _CHANNEL_WISE_INPUT_DIMS.get(type(layer))
-    if expected_dim is None:
-        return tuple(input.shape[1:])
-    if input.dim() != expected_dim:
+def _stochastic_layer(label: str, module: nn.Module) -> Optional[StochasticLayer]:
+    if type(module) in _SUPPORTED_DROPOUT:
+        kind = "element" if type(module) is nn.Dropout else "channel"
+        return StochasticLayer(label, module, module.p, _keep_scale(module.p), kind)
+    class_name = type(module).__name__
+    if class_name == "DropPath" and hasattr(module, "drop_prob"):  # MONAI, timm
+        p = module.drop_prob
+        scale = _keep_scale(p) if getattr(module, "scale_by_keep", True) else 1.0
+        return StochasticLayer(label, module, p, scale, "sample")
+    if class_name == "StochasticDepth" and hasattr(module, "p"):  # torchvision
+        return StochasticLayer(label, module, module.p, _keep_scale(module.p), "sample")
+    return None
+
+
+def _keep_scale(p: float) -> float:
+    return 1.0 / (1.0 - p) if p < 1 else 0.0
+
+
+def _refuse_unfixable_randomness(label: str, module: nn.Module) -> None:
+    if isinstance(module, _UNSUPPORTED_DROPOUT) and type(module) not in _SUPPORTED_DROPOUT:
         raise ValueError(
-            f"{type(layer).__name__} layer {name!r} got a {input.dim()}-D input of shape "
-            f"{tuple(input.shape)}; MCDropout needs batched {expected_dim}-D inputs (N, C, ...)"
+            f"{label!r} is a {type(module).__name__}; MCDropout controls only "
+            "nn.Dropout and nn.Dropout1d/2d/3d (not their subclasses or alpha dropout)"
         )
-    return (input.shape[1],) + (1,) * (expected_dim - 2)
-
-
-@contextlib.contextmanager
-def _no_global_random_draws(device: torch.device) -> Iterator[None]:
-    """Raise if the block drew from the global random generators; restore them in any case."""
-    cpu_state = torch.get_rng_state()
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    try:
-        yield
-    finally:
-        cpu_changed = not torch.equal(torch.get_rng_state(), cpu_state)
-        cuda_changed = cuda_state is not None and not torch.equal(
-            torch.cuda.get_rng_state(device), cuda_state
+    if isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+        raise ValueError(
+            f"{label!r} is an nn.MultiheadAttention with dropout={module.dropout}; its "
+            "attention dropout cannot take a fixed mask. Set its dropout to 0 (use "
+            "nn.Dropout layers for MC sampling)"
         )
-        if cpu_changed:
-            torch.set_rng_state(cpu_state)
-        if cuda_changed:
-            torch.cuda.set_rng_state(cuda_state, device)
-    if cpu_changed or cuda_changed:
-        raise RuntimeError(
-            "the model drew from the global random generator during an MC-dropout pass "
-            "(e.g. F.dropout(x, training=True) or a random layer in forward); MCDropout "
-            "can only fix the masks of nn.Dropout and nn.Dropout1d/2d/3d layers"
+    if getattr(module, "use_flash_attention", False) and getattr(module, "dropout_rate", 0) > 0:
+        raise ValueError(
+            f"{label!r} ({type(module).__name__}) calls F.scaled_dot_product_attention with "
+            f"dropout_p={module.dropout_rate}, which draws new masks at every call, even "
+            "in eval mode. Build it with use_flash_attention=False (its attention "
+            "dropout is then an nn.Dropout, which MCDropout samples) or dropout_rate=0"
+        )
+    if getattr(module, "drop_connect_rate", 0):
+        raise ValueError(
+            f"{label!r} ({type(module).__name__}) applies drop_connect with rate "
+            f"{module.drop_connect_rate}, a function MCDropout cannot give a fixed draw "
+            "per sub-network. Build the network with drop_connect_rate=0.0 (its dropout "
+            "layers are still sampled)"
         )

@@ -22,6 +22,7 @@ from captum_gradmask import (
     refine_mask,
 )
 from captum_gradmask import metrics
+from captum_gradmask._batching import repeat_examples
 
 
 def small_cnn(in_channels: int = 1, n_classes: int = 2, side: int = 6) -> nn.Module:
@@ -325,24 +326,32 @@ def relative_error(actual, expected):
 
 
 def sub_network_masks(mc_model, inputs, additional_forward_args=None) -> Dict[nn.Module, torch.Tensor]:
-    """Every dropout layer's keep-mask (T, *feature shape) per sub-network, probed
-    from outside: the layer's input is replaced by ones and its output recorded."""
-    layers = [m for m in mc_model.model.modules() if type(m) in (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d)]
+    """Every stochastic layer's mask (T, *feature shape) per sub-network, probed from
+    outside: inside MCDropout's sampling block (so these hooks run after its own), the
+    layer's input is replaced by ones and its output recorded."""
+    layers = [layer.module for layer in mc_model.stochastic_layers]
     outputs: Dict[nn.Module, torch.Tensor] = {}
-    handles = [layer.register_forward_pre_hook(lambda m, args: (torch.ones_like(args[0]),)) for layer in layers]
-    handles += [
-        layer.register_forward_hook(lambda m, args, out: outputs.setdefault(m, out.detach())) for layer in layers
-    ]
-    try:
-        with torch.no_grad():
-            mc_model(inputs, additional_forward_args=additional_forward_args)
-    finally:
-        for handle in handles:
-            handle.remove()
-    n_examples = (inputs[0] if isinstance(inputs, tuple) else inputs).shape[0]
+    inputs_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
+    extra = additional_forward_args if isinstance(additional_forward_args, tuple) else (
+        () if additional_forward_args is None else (additional_forward_args,)
+    )
+    n_examples, n_samples = inputs_tuple[0].shape[0], mc_model.n_samples
+    rows = repeat_examples(inputs_tuple + extra, n_samples, n_examples)
+    row_samples = torch.arange(n_samples, device=inputs_tuple[0].device).repeat_interleave(n_examples)
+    with mc_model.sampling(range(n_samples)):
+        handles = [layer.register_forward_pre_hook(lambda m, args: (torch.ones_like(args[0]),)) for layer in layers]
+        handles += [
+            layer.register_forward_hook(lambda m, args, out: outputs.setdefault(m, out.detach())) for layer in layers
+        ]
+        try:
+            with torch.no_grad():
+                mc_model.run_rows(rows, row_samples)
+        finally:
+            for handle in handles:
+                handle.remove()
     masks = {}
-    for layer, rows in outputs.items():
-        per_sample = rows.unflatten(0, (mc_model.n_samples, n_examples))
+    for layer, output in outputs.items():
+        per_sample = output.unflatten(0, (n_samples, -1))
         assert (per_sample == per_sample[:, :1]).all(), "a mask differs across the batch"
         masks[layer] = per_sample[:, 0]
     return masks

@@ -24,13 +24,14 @@ CHUNK = 2
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def wide_cnn(device):
-    """Activations (16 x 32 x 32 per sample) dominate the memory of a call."""
+def wide_cnn(device, dropout=nn.Dropout2d):
+    """Activations (16 x 32 x 32 per sample) dominate the memory of a call; with
+    element-wise dropout its masks are as large."""
     torch.manual_seed(0)
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
-        nn.Dropout2d(0.2),
+        dropout(0.2),
         nn.Conv2d(16, 16, 3, padding=1),
         nn.ReLU(),
         nn.AdaptiveAvgPool2d(1),
@@ -59,8 +60,9 @@ def assert_bounded(peak):
     assert peak[MANY, None] >= 2.5 * peak[FEW, None], peak
 
 
-def test_mc_dropout_samples(device):
-    model, x = wide_cnn(device), images(device)
+@pytest.mark.parametrize("dropout", [nn.Dropout2d, nn.Dropout])
+def test_mc_dropout_samples(device, dropout):
+    model, x = wide_cnn(device, dropout), images(device)
 
     def predict(n_samples, chunk):
         with torch.no_grad():
@@ -69,8 +71,9 @@ def test_mc_dropout_samples(device):
     assert_bounded(peaks(predict, device))
 
 
-def test_mc_attribution_samples(device):
-    model, x = wide_cnn(device), images(device)
+@pytest.mark.parametrize("dropout", [nn.Dropout2d, nn.Dropout])
+def test_mc_attribution_samples(device, dropout):
+    model, x = wide_cnn(device, dropout), images(device)
 
     def attribute(n_samples, chunk):
         attribution = MCAttribution(Saliency, MCDropout(model, n_samples))
