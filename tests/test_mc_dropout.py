@@ -579,3 +579,140 @@ def test_synthetic_vessels_checks(kwargs, message):
     arguments = {"n_images": 2, **kwargs}
     with pytest.raises(ValueError, match=message):
         synthetic_vessels(**arguments)
+
+
+# --- stochastic depth, folded rows, checkpointing -------------------------------------
+
+
+class DropPath(nn.Module):
+    """Stochastic depth as MONAI and timm write it: one draw per example in training."""
+
+    def __init__(self, drop_prob):
+        super().__init__()
+        self.drop_prob, self.scale_by_keep = drop_prob, True
+
+    def forward(self, x):
+        if not self.training or self.drop_prob == 0:
+            return x
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(1 - self.drop_prob)
+        return x * keep / (1 - self.drop_prob)
+
+
+class ResidualDropPath(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.branch = nn.Linear(4, 4)
+        self.drop_path = DropPath(0.5)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(x + self.drop_path(self.branch(x)))
+
+
+def test_stochastic_depth_is_sampled_per_sub_network(device):
+    model = ResidualDropPath().to(device, torch.float64)
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    mc_model = MCDropout(model, n_samples=8)
+    assert [layer.mask_kind for layer in mc_model.stochastic_layers] == ["sample"]
+    outputs = mc_model(x)
+    with torch.no_grad():
+        kept = model.head(x + 2 * model.branch(x))  # scaled by 1 / keep
+        dropped = model.head(x)
+    is_kept = [torch.allclose(outputs[t], kept) for t in range(8)]
+    is_dropped = [torch.allclose(outputs[t], dropped) for t in range(8)]
+    assert all(k != d for k, d in zip(is_kept, is_dropped)), "each sub-network keeps or drops every example"
+    assert any(is_kept) and any(is_dropped)
+    torch.testing.assert_close(mc_model(x, mc_samples_batch_size=3), outputs, rtol=0, atol=0)
+
+
+class WindowDropout(nn.Module):
+    """Folds 2 x 2 windows into the batch dimension, batch first, as window attention does."""
+
+    def __init__(self):
+        super().__init__()
+        self.dropout = nn.Dropout(0.5)
+
+    def forward(self, x):
+        n, c, h, w = x.shape
+        windows = x.view(n, c, 2, h // 2, 2, w // 2).permute(0, 2, 4, 1, 3, 5).reshape(n * 4, c, h // 2, w // 2)
+        dropped = self.dropout(windows)
+        return dropped.view(n, 2, 2, c, h // 2, w // 2).permute(0, 3, 1, 4, 2, 5).reshape(n, c, h, w)
+
+
+def test_folded_rows_get_one_mask_per_window_shared_by_the_batch(device):
+    mc_model = MCDropout(WindowDropout(), n_samples=4)
+    masks = mc_model(torch.ones(2, 1, 4, 4, device=device))  # (T, N, 1, 4, 4): the masks
+    assert torch.equal(masks[:, 0], masks[:, 1])
+    # one mask per window: the top-left and bottom-right windows differ somewhere
+    assert not all(torch.equal(masks[t, 0, 0, :2, :2], masks[t, 0, 0, 2:, 2:]) for t in range(4))
+    torch.testing.assert_close(mc_model(torch.ones(2, 1, 4, 4, device=device), mc_samples_batch_size=1), masks)
+
+
+class CheckpointedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Dropout(0.5), nn.Linear(8, 8), nn.Tanh())
+        self.head = nn.Linear(8, 2)
+        self.checkpointed = True
+
+    def forward(self, x):
+        if self.checkpointed:
+            return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+        return self.head(self.block(x))
+
+
+def test_activation_checkpointed_networks(device):
+    model = CheckpointedNet().to(device, torch.float64)
+    x = torch.randn(3, 6, device=device, dtype=torch.float64)
+    mc_model = MCDropout(model, n_samples=4)
+    checkpointed = MCAttribution(IntegratedGradients, mc_model).attribute(x, target=1, n_steps=5)
+    model.checkpointed = False
+    plain = MCAttribution(IntegratedGradients, mc_model).attribute(x, target=1, n_steps=5)
+    torch.testing.assert_close(checkpointed, plain, rtol=1e-12, atol=1e-12)
+    # A backward through the MC outputs themselves runs inside the sampling block.
+    model.checkpointed = True
+    leaf = x.clone().requires_grad_()
+    with mc_model.sampling(range(4)):
+        rows = leaf.repeat(4, 1)
+        mc_model.run_rows((rows,), torch.arange(4, device=device).repeat_interleave(3)).sum().backward()
+    expected = leaf.detach().requires_grad_()
+    model.checkpointed = False
+    mc_model(expected).sum().backward()
+    torch.testing.assert_close(leaf.grad, expected.grad, rtol=1e-12, atol=1e-12)
+
+
+class FlashAttentionBlock(nn.Module):
+    """MONAI's SABlock attributes: SDPA with dropout even in eval mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.use_flash_attention, self.dropout_rate = True, 0.1
+        self.dropout = nn.Dropout(0.1)
+
+
+class DropConnectBlock(nn.Module):
+    """MONAI's MBConvBlock attribute: drop_connect is a function in its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop_connect_rate = 0.2
+        self.dropout = nn.Dropout(0.1)
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        (FlashAttentionBlock(), "Build it with use_flash_attention=False"),
+        (DropConnectBlock(), "Build the network with drop_connect_rate=0.0"),
+    ],
+)
+def test_refuses_randomness_outside_layers_with_how_to_run_the_model(model, message):
+    with pytest.raises(ValueError, match=message):
+        MCDropout(model)
+
+
+def test_layers_with_p_zero_are_left_alone():
+    model = nn.Sequential(nn.Dropout(0.0), nn.Linear(4, 4), nn.Dropout(0.3))
+    assert [layer.name for layer in MCDropout(model).stochastic_layers] == ["2"]
