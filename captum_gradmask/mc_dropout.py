@@ -60,7 +60,7 @@ class MCDropout(nn.Module):
     input) by a mask drawn once for t and shared by all examples: element-wise for
     ``nn.Dropout``, one value per channel for ``nn.Dropout1d/2d/3d``, one value per
     sub-network for stochastic depth (MONAI's or timm's ``DropPath``, torchvision's
-    ``StochasticDepth``). The masks are set by forward hooks, drawn on the inputs'
+    ``StochasticDepth``, the drop_connect of MONAI's EfficientNet). The masks are set by forward hooks, drawn on the inputs'
     device for the sub-networks of one pass only (so ``mc_samples_batch_size`` bounds
     their memory too) from one seed per (layer, sub-network) derived from ``seed``:
     the same ``seed`` gives the same sub-networks for any batch size and chunking on
@@ -76,9 +76,8 @@ class MCDropout(nn.Module):
     Refused: a model without a stochastic layer of p > 0, ``AlphaDropout``,
     ``FeatureAlphaDropout``, subclasses of the dropout layers,
     ``nn.MultiheadAttention`` with ``dropout > 0``, attention blocks that call
-    ``F.scaled_dot_product_attention`` with dropout (MONAI's ``use_flash_attention``)
-    and MONAI's EfficientNet ``drop_connect`` (a function, not a layer); each error
-    says how to run the model instead. A model that draws from the global random
+    ``F.scaled_dot_product_attention`` with dropout (MONAI's ``use_flash_attention``);
+    each error says how to run the model instead. A model that draws from the global random
     generator during the forward pass raises a RuntimeError.
     ``F.dropout(x, training=self.training)`` cannot be detected: it is off in eval
     mode, so it does not take part in sampling. A layer called twice in one forward
@@ -306,7 +305,7 @@ def find_stochastic_layers(model: nn.Module) -> List[StochasticLayer]:
     for name, module in model.named_modules():
         label = name or type(model).__name__
         _refuse_unfixable_randomness(label, module)
-        layer = _stochastic_layer(label, module)
+        layer = _stochastic_layer(label, module) or _drop_connect_layer(label, module)
         if layer is not None and layer.drop_probability > 0:
             layers.append(layer)
     if not layers:
@@ -331,6 +330,18 @@ def _stochastic_layer(label: str, module: nn.Module) -> Optional[StochasticLayer
     return None
 
 
+def _drop_connect_layer(label: str, module: nn.Module) -> Optional[StochasticLayer]:
+    """MONAI's EfficientNet block applies drop_connect, a function (stochastic depth:
+    one draw per example), to the output of its ``_bn2`` when it has a skip
+    connection; sampling that output does the same per sub-network."""
+    rate = getattr(module, "drop_connect_rate", None)
+    if not rate or not isinstance(getattr(module, "_bn2", None), nn.Module):
+        return None
+    if not (module.id_skip and module.stride == 1 and module.in_channels == module.out_channels):
+        return None
+    return StochasticLayer(f"{label}._bn2", module._bn2, rate, _keep_scale(rate), "sample")
+
+
 def _keep_scale(p: float) -> float:
     return 1.0 / (1.0 - p) if p < 1 else 0.0
 
@@ -353,11 +364,4 @@ def _refuse_unfixable_randomness(label: str, module: nn.Module) -> None:
             f"dropout_p={module.dropout_rate}, which draws new masks at every call, even "
             "in eval mode. Build it with use_flash_attention=False (its attention "
             "dropout is then an nn.Dropout, which MCDropout samples) or dropout_rate=0"
-        )
-    if getattr(module, "drop_connect_rate", 0):
-        raise ValueError(
-            f"{label!r} ({type(module).__name__}) applies drop_connect with rate "
-            f"{module.drop_connect_rate}, a function MCDropout cannot give a fixed draw "
-            "per sub-network. Build the network with drop_connect_rate=0.0 (its dropout "
-            "layers are still sampled)"
         )

@@ -325,12 +325,19 @@ def relative_error(actual, expected):
 # --- MC dropout: each sub-network on its own, independently of MCAttribution -------
 
 
-def sub_network_masks(mc_model, inputs, additional_forward_args=None) -> Dict[nn.Module, torch.Tensor]:
-    """Every stochastic layer's mask (T, *feature shape) per sub-network, probed from
-    outside: inside MCDropout's sampling block (so these hooks run after its own), the
-    layer's input is replaced by ones and its output recorded."""
+def sub_network_masks(mc_model, inputs, additional_forward_args=None) -> Dict[tuple, torch.Tensor]:
+    """Every stochastic layer's mask per sub-network, probed from outside, keyed by
+    (layer, shape of one output row): (T, k, *row shape) for a layer that folds k rows
+    into each example's (window attention), k = 1 otherwise.
+
+    Each call's output is recorded before MCDropout's hook (a hook registered first)
+    and after it (registered inside its sampling block), and divided. Dropout layers,
+    the identity in eval mode, are fed ones so that no entry is 0; layers with one
+    draw per row (stochastic depth) are read where the output is largest."""
     layers = [layer.module for layer in mc_model.stochastic_layers]
-    outputs: Dict[nn.Module, torch.Tensor] = {}
+    fed_ones = [layer.module for layer in mc_model.stochastic_layers if layer.mask_kind != "sample"]
+    before: Dict[nn.Module, List[torch.Tensor]] = {layer: [] for layer in layers}
+    after: Dict[nn.Module, List[torch.Tensor]] = {layer: [] for layer in layers}
     inputs_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
     extra = additional_forward_args if isinstance(additional_forward_args, tuple) else (
         () if additional_forward_args is None else (additional_forward_args,)
@@ -338,28 +345,43 @@ def sub_network_masks(mc_model, inputs, additional_forward_args=None) -> Dict[nn
     n_examples, n_samples = inputs_tuple[0].shape[0], mc_model.n_samples
     rows = repeat_examples(inputs_tuple + extra, n_samples, n_examples)
     row_samples = torch.arange(n_samples, device=inputs_tuple[0].device).repeat_interleave(n_examples)
-    with mc_model.sampling(range(n_samples)):
-        handles = [layer.register_forward_pre_hook(lambda m, args: (torch.ones_like(args[0]),)) for layer in layers]
-        handles += [
-            layer.register_forward_hook(lambda m, args, out: outputs.setdefault(m, out.detach())) for layer in layers
-        ]
-        try:
+
+    def record(into):
+        return lambda module, args, output: into[module].append(output.detach())
+
+    handles = [layer.register_forward_pre_hook(lambda m, args: (torch.ones_like(args[0]),)) for layer in fed_ones]
+    handles += [layer.register_forward_hook(record(before)) for layer in layers]
+    try:
+        with mc_model.sampling(range(n_samples)):
+            handles += [layer.register_forward_hook(record(after)) for layer in layers]
             with torch.no_grad():
                 mc_model.run_rows(rows, row_samples)
-        finally:
-            for handle in handles:
-                handle.remove()
+    finally:
+        for handle in handles:
+            handle.remove()
     masks = {}
-    for layer, output in outputs.items():
-        per_sample = output.unflatten(0, (n_samples, -1))
-        assert (per_sample == per_sample[:, :1]).all(), "a mask differs across the batch"
-        masks[layer] = per_sample[:, 0]
+    for layer in layers:
+        for unmasked, masked in zip(before[layer], after[layer]):
+            ratio = masked if layer in fed_ones else _row_ratio(masked, unmasked)
+            per_example = ratio.unflatten(0, (n_samples, n_examples, -1))  # (T, N, k, ...)
+            assert torch.allclose(per_example, per_example[:, :1].expand_as(per_example)), (
+                "a mask differs across the batch"
+            )
+            masks[layer, tuple(masked.shape[1:])] = per_example[:, 0]
     return masks
+
+
+def _row_ratio(masked: torch.Tensor, unmasked: torch.Tensor) -> torch.Tensor:
+    """The one factor per row of ``masked / unmasked``, read where |unmasked| is largest."""
+    flat_masked, flat_unmasked = masked.flatten(1), unmasked.flatten(1)
+    largest = flat_unmasked.abs().argmax(1, keepdim=True)
+    factor = flat_masked.gather(1, largest) / flat_unmasked.gather(1, largest)
+    return factor.view(-1, *[1] * (masked.dim() - 1))
 
 
 def per_sub_network(mc_model, inputs, compute: Callable[[], object], additional_forward_args=None) -> List[object]:
     """``compute()`` once per sub-network t: the plain model in eval mode, each
-    dropout layer's output replaced by its input times sub-network t's mask."""
+    stochastic layer's output multiplied by sub-network t's mask."""
     masks = sub_network_masks(mc_model, inputs, additional_forward_args)
     model = mc_model.model
     modes = [m.training for m in model.modules()]
@@ -367,8 +389,10 @@ def per_sub_network(mc_model, inputs, compute: Callable[[], object], additional_
     results = []
     try:
         for t in range(mc_model.n_samples):
+            masks_t = {key: mask[t] for key, mask in masks.items()}
             handles = [
-                layer.register_forward_hook(functools.partial(_times_mask, mask[t])) for layer, mask in masks.items()
+                layer.module.register_forward_hook(functools.partial(_times_mask, masks_t))
+                for layer in mc_model.stochastic_layers
             ]
             try:
                 results.append(compute())
@@ -381,5 +405,6 @@ def per_sub_network(mc_model, inputs, compute: Callable[[], object], additional_
     return results
 
 
-def _times_mask(mask, module, args, output):
-    return args[0] * mask
+def _times_mask(masks_t, module, args, output):
+    mask = masks_t[module, tuple(output.shape[1:])]  # (k, ...): k rows folded per example
+    return (output.reshape(-1, *mask.shape) * mask).reshape(output.shape)

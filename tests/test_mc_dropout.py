@@ -692,20 +692,10 @@ class FlashAttentionBlock(nn.Module):
         self.dropout = nn.Dropout(0.1)
 
 
-class DropConnectBlock(nn.Module):
-    """MONAI's MBConvBlock attribute: drop_connect is a function in its forward."""
-
-    def __init__(self):
-        super().__init__()
-        self.drop_connect_rate = 0.2
-        self.dropout = nn.Dropout(0.1)
-
-
 @pytest.mark.parametrize(
     "model, message",
     [
         (FlashAttentionBlock(), "Build it with use_flash_attention=False"),
-        (DropConnectBlock(), "Build the network with drop_connect_rate=0.0"),
     ],
 )
 def test_refuses_randomness_outside_layers_with_how_to_run_the_model(model, message):
@@ -716,3 +706,29 @@ def test_refuses_randomness_outside_layers_with_how_to_run_the_model(model, mess
 def test_layers_with_p_zero_are_left_alone():
     model = nn.Sequential(nn.Dropout(0.0), nn.Linear(4, 4), nn.Dropout(0.3))
     assert [layer.name for layer in MCDropout(model).stochastic_layers] == ["2"]
+
+
+class DropConnectBlock(nn.Module):
+    """MONAI's EfficientNet block: drop_connect (a function) after _bn2, then the skip."""
+
+    def __init__(self, rate):
+        super().__init__()
+        torch.manual_seed(0)
+        self.id_skip, self.stride, self.in_channels, self.out_channels = True, 1, 4, 4
+        self.drop_connect_rate = rate
+        self._project = nn.Linear(4, 4)
+        self._bn2 = nn.BatchNorm1d(4).eval()
+
+    def forward(self, x):
+        return self._bn2(self._project(x)) + x  # drop_connect is off in eval mode
+
+
+def test_efficientnet_drop_connect_is_sampled(device):
+    block = DropConnectBlock(0.5).to(device, torch.float64)
+    x = torch.randn(3, 4, device=device, dtype=torch.float64)
+    outputs = MCDropout(block, n_samples=8)(x)
+    with torch.no_grad():
+        branch = block._bn2(block._project(x))
+    kept = [torch.allclose(outputs[t], 2 * branch + x) for t in range(8)]
+    dropped = [torch.allclose(outputs[t], x) for t in range(8)]
+    assert all(k != d for k, d in zip(kept, dropped)) and any(kept) and any(dropped)
