@@ -12,6 +12,7 @@ from captum_gradmask.gradmask import GradMask, GradMaskOptions, GradMaskOutput, 
 from captum_gradmask.mc_attribution import MCAttribution
 from captum_gradmask.mc_dropout import MCDropout
 from captum_gradmask.refine import refine_mask
+from captum_gradmask.sliding_window import mc_sliding_window_inference
 from captum_gradmask.uncertainty import Uncertainty, predictive_uncertainty
 from captum_gradmask.unveiling import IterativeUnveiling, UnveilingResult
 from captum_gradmask._validation import value_checks
@@ -30,6 +31,7 @@ __all__ = [
     "UnveilingResult",
     "differentiable",
     "gradmask_penalty",
+    "mc_sliding_window_inference",
     "predictive_uncertainty",
     "refine_mask",
     "value_checks",

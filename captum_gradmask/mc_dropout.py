@@ -64,7 +64,9 @@ class MCDropout(nn.Module):
     device for the sub-networks of one pass only (so ``mc_samples_batch_size`` bounds
     their memory too) from one seed per (layer, sub-network) derived from ``seed``:
     the same ``seed`` gives the same sub-networks for any batch size and chunking on
-    a device type, and the global random state is never used. Layers with p = 0 are
+    a device type, and the global random state is never used. The masks of the last
+    pass are kept for a next pass of the same sub-networks (with all T in one pass,
+    repeated calls on inputs of one shape draw them once). Layers with p = 0 are
     left alone. During a call the model is in eval mode (BatchNorm uses its running
     statistics and does not update them); modes are restored afterwards, also after
     an exception.
@@ -120,6 +122,7 @@ class MCDropout(nn.Module):
         )
         self._layer_seeds = seeds.tolist()
         self._pass: Optional[_Pass] = None
+        self._last_pass: Optional[_Pass] = None  # its masks serve a next pass of the same samples
 
     def forward(
         self,
@@ -202,20 +205,23 @@ class MCDropout(nn.Module):
     def sampling(self, samples: range) -> Iterator[None]:
         """Within the block the model is in eval mode and ``run_rows`` runs rows through
         the sub-networks ``samples``; their masks are drawn at first use and kept until
-        the block ends (for every pass and backward of the block)."""
+        the block ends (for every pass and backward of the block), and for the next
+        block of the same samples (repeated calls with all T in one pass draw once)."""
         if self._pass is not None:
             raise RuntimeError("MCDropout.sampling cannot be nested")
         hooks = [
             (layer.module, functools.partial(self._masked_output, index))
             for index, layer in enumerate(self.stochastic_layers)
         ]
-        self._pass = _Pass(samples)
+        reusable = self._last_pass is not None and self._last_pass.samples == samples
+        self._pass = _Pass(samples, self._last_pass.masks if reusable else {})
+        self._last_pass = None  # a chunk's masks are freed before the next chunk's are drawn
         try:
             with preserved_training_modes(self.model), forward_hooks(hooks):
                 self.model.eval()
                 yield
         finally:
-            self._pass = None
+            self._last_pass, self._pass = self._pass, None
 
     def run_rows(self, args: Tuple[object, ...], row_samples: Tensor) -> Tensor:
         """Run the model on ``args`` with row r of the batch through sub-network
@@ -273,10 +279,10 @@ class _Pass:
     """The state of one ``sampling`` block: its sub-networks, the rows' positions
     among them, and the masks drawn so far."""
 
-    def __init__(self, samples: range) -> None:
+    def __init__(self, samples: range, masks: Dict[tuple, Tensor]) -> None:
         self.samples = samples
         self.row_positions: Optional[Tensor] = None
-        self.masks: Dict[tuple, Tensor] = {}
+        self.masks = masks
 
 
 def _sample_seed(layer_seed: int, sample: int) -> int:

@@ -732,3 +732,16 @@ def test_efficientnet_drop_connect_is_sampled(device):
     kept = [torch.allclose(outputs[t], 2 * branch + x) for t in range(8)]
     dropped = [torch.allclose(outputs[t], x) for t in range(8)]
     assert all(k != d for k, d in zip(kept, dropped)) and any(kept) and any(dropped)
+
+
+def test_masks_of_a_pass_serve_the_next_pass_of_the_same_samples(device, monkeypatch):
+    model, mc_model, x = make(device)
+    drawn = []
+    draw = mc_model._draw_masks
+    monkeypatch.setattr(mc_model, "_draw_masks", lambda *args: drawn.append(args[0]) or draw(*args))
+    first = mc_model(x)
+    n_layers = len(drawn)
+    assert torch.equal(mc_model(x), first) and len(drawn) == n_layers  # all T in one pass: reused
+    chunked = mc_model(x, mc_samples_batch_size=2)
+    assert len(drawn) == n_layers + 3 * n_layers  # three chunks, each drawn anew
+    torch.testing.assert_close(chunked, first, rtol=0, atol=0)
