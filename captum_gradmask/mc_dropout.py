@@ -85,6 +85,13 @@ class MCDropout(nn.Module):
     mode, so it does not take part in sampling. A layer called twice in one forward
     pass applies the same mask both times.
 
+    MONAI: a DataLoader's MetaTensor batch gives MetaTensor outputs. The (T, N, ...)
+    stack is not a batch along T: ``decollate_batch(outputs.transpose(0, 1))`` gives
+    each example's (T, ...) outputs with its metadata, and
+    ``decollate_batch(maps.mutual_information.unsqueeze(1))`` channel-first maps that
+    ``SaveImage`` writes. ``mc_sliding_window_inference`` runs volumes larger than
+    memory.
+
     Activation-checkpointed models recompute their blocks during backward: a backward
     through ``MCAttribution`` works (it runs inside the sampling context); for a
     backward through the output of ``mc_model(x)`` itself, run both in

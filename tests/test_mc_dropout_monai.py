@@ -167,11 +167,26 @@ def test_sliding_window_inference_equals_whole_volume(device):
     assert windows.shape == whole.shape and torch.isfinite(windows).all()
 
 
-def test_meta_tensor_batches_from_monai(device):
-    from monai.data import MetaTensor
+def test_meta_tensor_batches_from_monai_reach_save_image(device, tmp_path):
+    """A DataLoader's MetaTensor batch: outputs equal the plain tensor's; the (T, N, ...)
+    stack decollates per example after a transpose, and uncertainty maps, given a
+    channel, go to SaveImage with each volume's metadata."""
+    from monai.data import MetaTensor, decollate_batch, list_data_collate
+    from monai.transforms import SaveImage
 
     model, x, _ = network("UNet 3-D", device, 2)
-    meta = MetaTensor(x)
+    batch = list_data_collate([
+        {"image": MetaTensor(volume, meta={"filename_or_obj": f"volume{i}.nii"})} for i, volume in enumerate(x)
+    ])["image"]
     mc_model = MCDropout(model, n_samples=T)
     with torch.no_grad():
-        torch.testing.assert_close(mc_model(meta).as_tensor(), mc_model(x))
+        stacked = mc_model(batch)
+        torch.testing.assert_close(stacked.as_tensor(), mc_model(x))
+        maps = mc_model.uncertainty(batch)
+    per_example = decollate_batch(stacked.transpose(0, 1))
+    assert [item.meta["filename_or_obj"] for item in per_example] == ["volume0.nii", "volume1.nii"]
+    assert per_example[0].shape == (T, 2, 24, 24, 24)
+    save = SaveImage(output_dir=tmp_path, output_postfix="mi", separate_folder=False, print_log=False)
+    for item in decollate_batch(maps.mutual_information.unsqueeze(1)):
+        save(item)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["volume0_mi.nii.gz", "volume1_mi.nii.gz"]
