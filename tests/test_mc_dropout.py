@@ -598,20 +598,32 @@ class DropPath(nn.Module):
         return x * keep / (1 - self.drop_prob)
 
 
+class StochasticDepth(nn.Module):
+    """torchvision.ops.StochasticDepth's attributes (torchvision is not a dependency)."""
+
+    def __init__(self, p, mode="row"):
+        super().__init__()
+        self.p, self.mode = p, mode
+
+    def forward(self, x):
+        return x  # eval mode
+
+
 class ResidualDropPath(nn.Module):
-    def __init__(self):
+    def __init__(self, stochastic_depth=DropPath):
         super().__init__()
         torch.manual_seed(0)
         self.branch = nn.Linear(4, 4)
-        self.drop_path = DropPath(0.5)
+        self.drop_path = stochastic_depth(0.5)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
         return self.head(x + self.drop_path(self.branch(x)))
 
 
-def test_stochastic_depth_is_sampled_per_sub_network(device):
-    model = ResidualDropPath().to(device, torch.float64)
+@pytest.mark.parametrize("stochastic_depth", [DropPath, StochasticDepth])
+def test_stochastic_depth_is_sampled_per_sub_network(device, stochastic_depth):
+    model = ResidualDropPath(stochastic_depth).to(device, torch.float64)
     x = torch.randn(3, 4, device=device, dtype=torch.float64)
     mc_model = MCDropout(model, n_samples=8)
     assert [layer.mask_kind for layer in mc_model.stochastic_layers] == ["sample"]

@@ -117,9 +117,8 @@ def test_mc_attribution_and_unveiling(device, name):
     ours, std = MCAttribution(Saliency, mc_model).attribute(x, target=target, return_std=True)
     assert_close(ours, torch.stack(per_t).mean(0))
     assert_close(std, torch.stack(per_t).std(0, correction=0))
-    if not segmentation:
-        result = IterativeUnveiling(MCAttribution(Saliency, mc_model)).unveil(x, target=1, n_iter=2, kernel_size=5)
-        assert result.masks.shape == (2, 2, 1, *x.shape[2:]) and result.n_found.min() > 0
+    result = IterativeUnveiling(MCAttribution(Saliency, mc_model)).unveil(x, target=target, n_iter=2, kernel_size=5)
+    assert result.masks.shape == (2, 2, 1, *x.shape[2:]) and result.n_found.min() > 0
 
 
 @pytest.mark.parametrize("name", ["UNet 3-D", "SegResNet 3-D"])
