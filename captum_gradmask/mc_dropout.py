@@ -11,6 +11,8 @@ the batch size or on how the T samples are chunked. ``MCAttribution``
 
 import contextlib
 import functools
+import os
+import sys
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
@@ -25,6 +27,7 @@ from captum_gradmask._validation import (
     check_finite_results,
     check_float_inputs,
     is_int,
+    warn_at_caller,
 )
 from captum_gradmask.uncertainty import Uncertainty, uncertainty_from_log_probs
 
@@ -39,6 +42,14 @@ _GLOBAL_DRAW_REFUSAL = (
     "random layer in forward); MCDropout fixes the masks of nn.Dropout, "
     "nn.Dropout1d/2d/3d and stochastic-depth (DropPath, StochasticDepth) layers only: "
     "turn the other randomness off"
+)
+
+_CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+_CHECKPOINT_WARNING = (
+    "the model checkpoints activations (torch.utils.checkpoint): a backward through "
+    "these outputs recomputes its blocks after MCDropout's masks are gone and fails. "
+    "Attribute with MCAttribution, or run forward and backward inside "
+    "`with mc_model.sampling(range(mc_model.n_samples)):` with mc_model.run_rows"
 )
 
 
@@ -92,10 +103,12 @@ class MCDropout(nn.Module):
     ``SaveImage`` writes. ``mc_sliding_window_inference`` runs volumes larger than
     memory.
 
-    Activation-checkpointed models recompute their blocks during backward: a backward
-    through ``MCAttribution`` works (it runs inside the sampling context); for a
-    backward through the output of ``mc_model(x)`` itself, run both in
-    ``with mc_model.sampling(range(mc_model.n_samples)):`` using ``run_rows``.
+    Activation-checkpointed models (MONAI's CheckpointUNet) recompute their blocks
+    during backward: a backward through ``MCAttribution`` works (it runs inside the
+    sampling context); a backward through the output of ``mc_model(x)`` itself would
+    recompute without the masks, so the call warns when its output requires grad;
+    run forward and backward in ``with mc_model.sampling(range(mc_model.n_samples)):``
+    using ``run_rows`` instead.
 
     Args:
         model (nn.Module): a network with at least one dropout layer.
@@ -154,15 +167,18 @@ class MCDropout(nn.Module):
         inputs_tuple = check_float_inputs(inputs, forward_func=self.model)
         model_args = inputs_tuple + (_format_additional_forward_args(additional_forward_args) or ())
         batch_size = inputs_tuple[0].shape[0]
-        outputs = []
+        outputs, checkpointed = [], False
         for samples in self.sample_chunks(mc_samples_batch_size):
             with self.sampling(samples):
                 rows = repeat_examples(model_args, len(samples), batch_size)
                 row_samples = torch.arange(samples.start, samples.stop, device=inputs_tuple[0].device)
                 output = self.run_rows(rows, row_samples.repeat_interleave(batch_size))
+            checkpointed = checkpointed or self._last_pass.checkpointed
             outputs.append(output.unflatten(0, (len(samples), batch_size)))
         stacked = torch.cat(outputs)
         check_finite_results((stacked,), "the model outputs")
+        if checkpointed and stacked.requires_grad:
+            warn_at_caller(_CHECKPOINT_WARNING)
         return stacked
 
     def uncertainty(
@@ -260,6 +276,7 @@ class MCDropout(nn.Module):
                 "stochastic layer's input (possibly folded with other rows, batch first)"
             )
         folds = output.shape[0] // n_rows
+        self._pass.checkpointed = self._pass.checkpointed or _inside_activation_checkpoint()
         mask_shape = (folds, *_feature_mask_shape(layer, output))
         key = (layer_index, mask_shape, output.device, output.dtype)
         if key not in self._pass.masks:
@@ -290,6 +307,18 @@ class _Pass:
         self.samples = samples
         self.row_positions: Optional[Tensor] = None
         self.masks = masks
+        self.checkpointed = False  # a stochastic layer ran inside torch.utils.checkpoint
+
+
+def _inside_activation_checkpoint() -> bool:
+    """Whether the caller runs inside ``torch.utils.checkpoint``, which recomputes
+    during backward, when the sampling hooks may be gone."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_filename.endswith(_CHECKPOINT_FILE):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _sample_seed(layer_seed: int, sample: int) -> int:

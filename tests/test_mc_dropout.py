@@ -1,4 +1,5 @@
 import math
+import warnings
 
 import pytest
 import torch
@@ -693,6 +694,14 @@ def test_activation_checkpointed_networks(device):
     model.checkpointed = False
     mc_model(expected).sum().backward()
     torch.testing.assert_close(leaf.grad, expected.grad, rtol=1e-12, atol=1e-12)
+    # Outside that block a backward would recompute without the masks: the call warns.
+    model.checkpointed = True
+    with pytest.warns(UserWarning, match="checkpoints activations"):
+        mc_model(x.clone().requires_grad_())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            mc_model(x)
 
 
 class FlashAttentionBlock(nn.Module):

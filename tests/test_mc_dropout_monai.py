@@ -189,3 +189,21 @@ def test_meta_tensor_batches_from_monai_reach_save_image(device, tmp_path):
     for item in decollate_batch(maps.mutual_information.unsqueeze(1)):
         save(item)
     assert sorted(path.name for path in tmp_path.iterdir()) == ["volume0_mi.nii.gz", "volume1_mi.nii.gz"]
+
+
+def test_checkpointed_unet_equals_the_plain_unet(device):
+    """MONAI's CheckpointUNet recomputes its blocks in backward: MCAttribution still
+    equals the plain UNet with the same weights."""
+    from monai.networks.nets.unet import CheckpointUNet
+
+    options = dict(spatial_dims=3, in_channels=1, out_channels=2, channels=(4, 8, 16), strides=(2, 2), dropout=0.2)
+    torch.manual_seed(0)
+    plain_unet = nets.UNet(**options).to(device).eval()
+    torch.manual_seed(0)
+    checkpointed = CheckpointUNet(**options).to(device).eval()
+    x = torch.randn(1, 1, 24, 24, 24, device=device)
+    target = (1, 12, 12, 12)
+    ours = MCAttribution(Saliency, MCDropout(checkpointed, n_samples=T)).attribute(x, target=target)
+    plain = MCAttribution(Saliency, MCDropout(plain_unet, n_samples=T)).attribute(x, target=target)
+    torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
+    assert ours.abs().sum() > 0
