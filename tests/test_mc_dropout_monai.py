@@ -1,8 +1,8 @@
-"""MC dropout and GradMask on MONAI's networks (an optional extra; skipped without MONAI), small
-sizes, float32, eval mode, batch 1 and 2: every stochastic layer sampled (dropout,
-stochastic depth, EfficientNet's drop_connect, window attention), against each
-sub-network run on its own (tests/helpers.py ``per_sub_network``: masks probed from
-outside, applied by hooks on the plain model)."""
+"""MC dropout and GradMask on MONAI's networks (an optional extra; skipped without
+MONAI), small sizes, float32, eval mode, batch 1 and 2: every stochastic layer
+sampled (dropout, stochastic depth, EfficientNet's drop_connect, window attention),
+against each sub-network run on its own (tests/helpers.py ``per_sub_network``: masks
+probed from outside, applied by hooks on the plain model)."""
 
 import pytest
 import torch
