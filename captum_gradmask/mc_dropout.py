@@ -261,7 +261,9 @@ class MCDropout(nn.Module):
         ):
             raise ValueError(
                 f"the model must return a Tensor with the batch of {len(row_samples)} rows "
-                f"in dimension 0, got {getattr(output, 'shape', type(output).__name__)}"
+                f"in dimension 0, got {getattr(output, 'shape', type(output).__name__)}; "
+                "wrap a model that returns a tuple (e.g. MONAI's ViT) in an nn.Module "
+                "that returns the logits"
             )
         return output
 
