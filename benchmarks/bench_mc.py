@@ -171,7 +171,7 @@ def bench_monai(args, device):
         f"\n2. MONAI, T = {n_samples}, batch 1, 1 x {side}^3, prediction; time (ms) and peak "
         "memory (MiB)"
     )
-    print(f"{'network':<14} {'loop':>14} {'batched T':>14} {'batched 1':>14}  speed-up  memory vs loop")
+    print(f"{'network':<14} {'loop ms / MiB':>14} {'batched T':>14} {'batched 1':>14}  speed-up  memory vs loop")
     torch.manual_seed(0)
     volume = torch.randn(1, 1, side, side, side, device=device)
     for name, model in monai_networks().items():

@@ -29,7 +29,7 @@ from captum_gradmask._validation import (
     is_int,
     warn_at_caller,
 )
-from captum_gradmask.uncertainty import Uncertainty, uncertainty_from_log_probs
+from captum_gradmask.uncertainty import Uncertainty, UncertaintyAccumulator
 
 # Input dimensions (batch included) of the channel-wise layers; nn.Dropout masks every
 # element and takes any shape.
@@ -75,7 +75,7 @@ class MCDropout(nn.Module):
     device for the sub-networks of one pass only (so ``mc_samples_batch_size`` bounds
     their memory too) from one seed per (layer, sub-network) derived from ``seed``:
     the same ``seed`` gives the same sub-networks for any batch size and chunking on
-    a device type, and the global random state is never used. The masks of the last
+    a device type (outputs equal up to the rounding of batch-size-dependent kernels), and the global random state is never used. The masks of the last
     pass are kept for a next pass of the same sub-networks (with all T in one pass,
     repeated calls on inputs of one shape draw them once). Layers with p = 0 are
     left alone. During a call the model is in eval mode (BatchNorm uses its running
@@ -164,22 +164,23 @@ class MCDropout(nn.Module):
         Returns:
             Tensor: outputs of the T sub-networks stacked, shape (T, N, ...).
         """
+        stacked = torch.cat(list(self._outputs_by_pass(inputs, additional_forward_args, mc_samples_batch_size)))
+        if stacked.requires_grad and self._last_pass.checkpointed:  # every pass runs the same model
+            warn_at_caller(_CHECKPOINT_WARNING)
+        return stacked
+
+    def _outputs_by_pass(self, inputs, additional_forward_args, mc_samples_batch_size) -> Iterator[Tensor]:
+        """The outputs (t, N, ...) of each pass of ``mc_samples_batch_size`` sub-networks."""
         inputs_tuple = check_float_inputs(inputs, forward_func=self.model)
         model_args = inputs_tuple + (_format_additional_forward_args(additional_forward_args) or ())
         batch_size = inputs_tuple[0].shape[0]
-        outputs, checkpointed = [], False
         for samples in self.sample_chunks(mc_samples_batch_size):
             with self.sampling(samples):
                 rows = repeat_examples(model_args, len(samples), batch_size)
                 row_samples = torch.arange(samples.start, samples.stop, device=inputs_tuple[0].device)
                 output = self.run_rows(rows, row_samples.repeat_interleave(batch_size))
-            checkpointed = checkpointed or self._last_pass.checkpointed
-            outputs.append(output.unflatten(0, (len(samples), batch_size)))
-        stacked = torch.cat(outputs)
-        check_finite_results((stacked,), "the model outputs")
-        if checkpointed and stacked.requires_grad:
-            warn_at_caller(_CHECKPOINT_WARNING)
-        return stacked
+            check_finite_results((output,), "the model outputs")
+            yield output.unflatten(0, (len(samples), batch_size))
 
     def uncertainty(
         self,
@@ -205,19 +206,13 @@ class MCDropout(nn.Module):
         """
         if activation not in ("softmax", "sigmoid"):
             raise ValueError(f"activation must be 'softmax' or 'sigmoid', got {activation!r}")
-        logits = self(inputs, mc_samples_batch_size=mc_samples_batch_size)
-        if activation == "softmax":
-            if logits.dim() < 3 or logits.shape[2] < 2:
-                raise ValueError(
-                    "activation='softmax' needs model outputs (N, C, ...) with C >= 2 "
-                    f"classes in dimension 1, got shape {tuple(logits.shape[1:])}; use "
-                    "activation='sigmoid' for single-logit outputs"
-                )
-            return uncertainty_from_log_probs(logits.log_softmax(2), class_dim=2 - logits.dim())
-        # log(1 - sigmoid(z)) = logsigmoid(-z), exact where 1 - sigmoid(z) rounds to 0.
-        log_probs = torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1)
-        result = uncertainty_from_log_probs(log_probs, class_dim=-1)
-        return result._replace(mean=result.mean[..., 1])
+        accumulator = None
+        for logits in self._outputs_by_pass(inputs, None, mc_samples_batch_size):
+            log_probs, class_dim = _log_probabilities(logits, activation)
+            accumulator = accumulator or UncertaintyAccumulator(class_dim)
+            accumulator.add(log_probs)
+        result = accumulator.result()
+        return result._replace(mean=result.mean[..., 1]) if activation == "sigmoid" else result
 
     def sample_chunks(self, mc_samples_batch_size: Optional[int]) -> List[range]:
         """The sub-networks 0..T-1 in passes of ``mc_samples_batch_size`` (all T for None)."""
@@ -310,6 +305,20 @@ class _Pass:
         self.row_positions: Optional[Tensor] = None
         self.masks = masks
         self.checkpointed = False  # a stochastic layer ran inside torch.utils.checkpoint
+
+
+def _log_probabilities(logits: Tensor, activation: str) -> Tuple[Tensor, int]:
+    """Log-probabilities of logits (t, N, ...) and the negative class dimension."""
+    if activation == "softmax":
+        if logits.dim() < 3 or logits.shape[2] < 2:
+            raise ValueError(
+                "activation='softmax' needs model outputs (N, C, ...) with C >= 2 "
+                f"classes in dimension 1, got shape {tuple(logits.shape[1:])}; use "
+                "activation='sigmoid' for single-logit outputs"
+            )
+        return logits.log_softmax(2), 2 - logits.dim()
+    # log(1 - sigmoid(z)) = logsigmoid(-z), exact where 1 - sigmoid(z) rounds to 0.
+    return torch.stack([F.logsigmoid(-logits), F.logsigmoid(logits)], dim=-1), -1
 
 
 def _inside_activation_checkpoint() -> bool:

@@ -1,7 +1,7 @@
 """Predictive uncertainty over Monte-Carlo samples: entropies in log space."""
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -50,31 +50,52 @@ def predictive_uncertainty(probs: Tensor) -> Uncertainty:
 
 def uncertainty_from_log_probs(log_probs: Tensor, class_dim: int) -> Uncertainty:
     """``log_probs`` (T, N, ...) with classes in the negative dimension ``class_dim``."""
-    log_mean = torch.logsumexp(log_probs, dim=0) - math.log(log_probs.shape[0])
-    predictive_entropy = _entropy(log_mean, class_dim)
-    expected_entropy = _entropy(log_probs, class_dim).mean(0)
-    # H[pbar] >= E_t H[p_t] by concavity; rounding can leave a tiny negative difference.
-    mutual_information = (predictive_entropy - expected_entropy).clamp_min(0)
-    return Uncertainty(
-        log_mean.exp(),
-        predictive_entropy,
-        expected_entropy,
-        mutual_information,
-        _variation_ratio(log_probs, class_dim),
-    )
+    accumulator = UncertaintyAccumulator(class_dim)
+    accumulator.add(log_probs)
+    return accumulator.result()
+
+
+class UncertaintyAccumulator:
+    """The sums the uncertainty needs, added chunk by chunk of samples, so that memory
+    is that of one chunk: logsumexp of the log-probabilities, the summed entropies and
+    the votes per class. ``class_dim`` is the negative dimension of the classes."""
+
+    def __init__(self, class_dim: int) -> None:
+        self.class_dim = class_dim
+        self.n_samples = 0
+        self.log_sum: Optional[Tensor] = None
+        self.entropy_sum: Optional[Tensor] = None
+        self.votes: Optional[Tensor] = None
+
+    def add(self, log_probs: Tensor) -> None:
+        """Add samples ``log_probs`` (t, N, ...)."""
+        n_classes = log_probs.shape[self.class_dim]
+        log_sum = torch.logsumexp(log_probs, dim=0)
+        entropy_sum = _entropy(log_probs, self.class_dim).sum(0)
+        votes = F.one_hot(log_probs.argmax(self.class_dim), n_classes).sum(0)
+        if self.n_samples:
+            log_sum = torch.logaddexp(self.log_sum, log_sum)
+            entropy_sum, votes = self.entropy_sum + entropy_sum, self.votes + votes
+        self.log_sum, self.entropy_sum, self.votes = log_sum, entropy_sum, votes
+        self.n_samples += log_probs.shape[0]
+
+    def result(self) -> Uncertainty:
+        log_mean = self.log_sum - math.log(self.n_samples)
+        predictive_entropy = _entropy(log_mean, self.class_dim)
+        expected_entropy = self.entropy_sum / self.n_samples
+        # H[pbar] >= E_t H[p_t] by concavity; rounding can leave a tiny negative difference.
+        mutual_information = (predictive_entropy - expected_entropy).clamp_min(0)
+        modal_votes = self.votes.max(-1).values
+        variation_ratio = 1 - modal_votes.to(log_mean.dtype) / self.n_samples
+        return Uncertainty(
+            log_mean.exp(), predictive_entropy, expected_entropy, mutual_information, variation_ratio
+        )
 
 
 def _entropy(log_probs: Tensor, class_dim: int) -> Tensor:
     probs = log_probs.exp()
     # 0 log 0 = 0 as in xlogy: log_probs is -inf exactly where probs is 0.
     return -torch.where(probs > 0, probs * log_probs, 0.0).sum(class_dim)
-
-
-def _variation_ratio(log_probs: Tensor, class_dim: int) -> Tensor:
-    n_samples, n_classes = log_probs.shape[0], log_probs.shape[class_dim]
-    votes = F.one_hot(log_probs.argmax(class_dim), n_classes).sum(0)
-    modal_votes = votes.max(-1).values
-    return 1 - modal_votes.to(log_probs.dtype) / n_samples
 
 
 def _check_probabilities(probs: object) -> None:

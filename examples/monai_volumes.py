@@ -202,7 +202,7 @@ def main():
     print(f"\n2. MC dropout, MONAI UNet 3-D, T = {mc_unet.n_samples}")
     print(f"mean mutual information inside the lesion {maps.mutual_information[0][inside].mean():.4f}, "
           f"outside {maps.mutual_information[0][~inside].mean():.4f}")
-    print(f"sliding windows against the whole volume: largest difference {difference:.2e}")
+    print(f"one sliding window of the volume's size against the whole volume: largest difference {difference:.2e}")
 
     saliencies = {}
     for name, model in classifiers.items():

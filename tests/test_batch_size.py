@@ -60,9 +60,23 @@ def assert_bounded(peak):
     assert peak[MANY, None] >= 2.5 * peak[FEW, None], peak
 
 
-@pytest.mark.parametrize("dropout", [nn.Dropout2d, nn.Dropout])
-def test_mc_dropout_samples(device, dropout):
-    model, x = wide_cnn(device, dropout), images(device)
+def segmentation_cnn(device):
+    """Per-pixel outputs (4 x 32 x 32), as large as the activations: the uncertainty
+    maps must be summed pass by pass, not from all T outputs at once."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Dropout(0.2), nn.Conv2d(8, 4, 1)
+    ).to(device).eval()
+
+
+@pytest.mark.parametrize("network", ["channel", "element", "segmentation"])
+def test_mc_dropout_samples(device, network):
+    builders = {
+        "channel": lambda: wide_cnn(device, nn.Dropout2d),
+        "element": lambda: wide_cnn(device, nn.Dropout),
+        "segmentation": lambda: segmentation_cnn(device),
+    }
+    model, x = builders[network](), images(device)
 
     def predict(n_samples, chunk):
         with torch.no_grad():

@@ -4,6 +4,8 @@ sampled (dropout, stochastic depth, EfficientNet's drop_connect, window attentio
 against each sub-network run on its own (tests/helpers.py ``per_sub_network``: masks
 probed from outside, applied by hooks on the plain model)."""
 
+import warnings
+
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
@@ -212,3 +214,47 @@ def test_checkpointed_unet_equals_the_plain_unet(device):
     plain = MCAttribution(Saliency, MCDropout(plain_unet, n_samples=T)).attribute(x, target=target)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     assert ours.abs().sum() > 0
+
+
+def test_sliding_window_overlap_with_element_wise_dropout(device):
+    """Element-wise masks repeat window by window: blending overlapping windows lowers
+    the mutual information, so it warns; channel-wise dropout does not."""
+    from captum_gradmask import mc_sliding_window_inference, predictive_uncertainty
+
+    torch.manual_seed(0)
+    unet = nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32), strides=(2, 2),
+                     num_res_units=1, dropout=0.3, norm="BATCH").to(device).eval()
+    x = torch.randn(1, 1, 32, 32, 32, device=device)
+    mc_model = MCDropout(unet, n_samples=8)
+
+    def mean_mutual_information(**options):
+        with torch.no_grad():
+            logits = mc_sliding_window_inference(mc_model, x, roi_size=16, **options)
+        return predictive_uncertainty(logits.softmax(dim=2)).mutual_information.mean().item()
+
+    without_overlap = mean_mutual_information()
+    with pytest.warns(UserWarning, match="blending overlapping windows lowers the spread"):
+        with_overlap = mean_mutual_information(overlap=0.5)
+    assert with_overlap < 0.7 * without_overlap
+    channel_wise = MCDropout(network("SegResNet 3-D", device, 1)[0], n_samples=T)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            mc_sliding_window_inference(channel_wise, x[:, :, :24, :24, :24], roi_size=16, overlap=0.5)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(roi_size=0), "roi_size must be an int >= 1"),
+        (dict(roi_size=(8, 8, 0)), "roi_size must be an int >= 1"),
+        (dict(roi_size=8, sw_batch_size=0), "sw_batch_size must be an int >= 1"),
+        (dict(roi_size=8, overlap=1.0), r"overlap must be a number in \[0, 1\)"),
+    ],
+)
+def test_sliding_window_argument_errors(options, message):
+    from captum_gradmask import mc_sliding_window_inference
+
+    mc_model = MCDropout(nn.Sequential(nn.Conv3d(1, 2, 1), nn.Dropout3d(0.2)), n_samples=2)
+    with pytest.raises(ValueError, match=message):
+        mc_sliding_window_inference(mc_model, torch.zeros(1, 1, 8, 8, 8), **options)
