@@ -20,14 +20,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_gradmask._batching import repeat_examples
-from captum_gradmask._compat import _format_additional_forward_args
+from captum_gradmask._compat import (
+    _format_additional_forward_args,
+    _format_output,
+    _format_tensor_into_tuples,
+)
 from captum_gradmask._state import forward_hooks, no_global_random_draws, preserved_training_modes
 from captum_gradmask._validation import (
     check_batch_size,
     check_finite_results,
     check_float_inputs,
     is_int,
-    warn_at_caller,
 )
 from captum_gradmask.uncertainty import Uncertainty, UncertaintyAccumulator
 
@@ -45,14 +48,6 @@ _GLOBAL_DRAW_REFUSAL = (
 )
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
-_CHECKPOINT_WARNING = (
-    "the model checkpoints activations (torch.utils.checkpoint): a backward through "
-    "these outputs recomputes its blocks after MCDropout's masks are gone and fails. "
-    "Attribute with MCAttribution, or run forward and backward inside "
-    "`with mc_model.sampling(range(mc_model.n_samples)):` with mc_model.run_rows"
-)
-
-
 class StochasticLayer(NamedTuple):
     """A layer MCDropout samples: in eval mode it returns its input, and sub-network t
     multiplies that by a fixed mask of kept (``keep_scale``) and dropped (0) values."""
@@ -104,11 +99,9 @@ class MCDropout(nn.Module):
     memory.
 
     Activation-checkpointed models (MONAI's CheckpointUNet) recompute their blocks
-    during backward: a backward through ``MCAttribution`` works (it runs inside the
-    sampling context); a backward through the output of ``mc_model(x)`` itself would
-    recompute without the masks, so the call warns when its output requires grad;
-    run forward and backward in ``with mc_model.sampling(range(mc_model.n_samples)):``
-    using ``run_rows`` instead.
+    during backward, after a call's masks are gone: a call whose outputs require grad
+    on such a model runs its passes again in backward, inside their sampling blocks
+    (one more forward), so its gradients are those of the sub-networks.
 
     Args:
         model (nn.Module): a network with at least one dropout layer.
@@ -164,13 +157,18 @@ class MCDropout(nn.Module):
         Returns:
             Tensor: outputs of the T sub-networks stacked, shape (T, N, ...).
         """
-        stacked = torch.cat(list(self._outputs_by_pass(inputs, additional_forward_args, mc_samples_batch_size)))
+        passes = (inputs, additional_forward_args, mc_samples_batch_size)
+        stacked = torch.cat(list(self._outputs_by_pass(*passes)))
         if stacked.requires_grad and self._last_pass.checkpointed:  # every pass runs the same model
-            warn_at_caller(_CHECKPOINT_WARNING)
+            # Its backward would recompute checkpointed blocks after the masks are gone.
+            differentiable = [*_format_tensor_into_tuples(inputs), *self.model.parameters()]
+            stacked = _RecomputedWithMasks.apply(self, passes, stacked.detach(), *differentiable)
         return stacked
 
     def _outputs_by_pass(self, inputs, additional_forward_args, mc_samples_batch_size) -> Iterator[Tensor]:
-        """The outputs (t, N, ...) of each pass of ``mc_samples_batch_size`` sub-networks."""
+        """The outputs (t, N, ...) of each pass of ``mc_samples_batch_size`` sub-networks,
+        each handed out inside its sampling block (a backward of a checkpointed model
+        recomputes with the masks only there)."""
         inputs_tuple = check_float_inputs(inputs, forward_func=self.model)
         model_args = inputs_tuple + (_format_additional_forward_args(additional_forward_args) or ())
         batch_size = inputs_tuple[0].shape[0]
@@ -179,8 +177,8 @@ class MCDropout(nn.Module):
                 rows = repeat_examples(model_args, len(samples), batch_size)
                 row_samples = torch.arange(samples.start, samples.stop, device=inputs_tuple[0].device)
                 output = self.run_rows(rows, row_samples.repeat_interleave(batch_size))
-            check_finite_results((output,), "the model outputs")
-            yield output.unflatten(0, (len(samples), batch_size))
+                check_finite_results((output,), "the model outputs")
+                yield output.unflatten(0, (len(samples), batch_size))
 
     def uncertainty(
         self,
@@ -294,6 +292,48 @@ class MCDropout(nn.Module):
             uniform = torch.rand(mask_shape, generator=generator, device=like.device)
             masks[position] = (uniform >= layer.drop_probability) * layer.keep_scale
         return masks
+
+
+class _RecomputedWithMasks(torch.autograd.Function):
+    """The outputs of an activation-checkpointed model, whose backward runs the MC
+    passes again inside their sampling blocks (so that the checkpointed blocks
+    recompute with the sub-networks' masks) and differentiates them."""
+
+    @staticmethod
+    def forward(ctx, mc_model, passes, outputs, *differentiable):
+        ctx.mc_model, ctx.passes = mc_model, passes
+        ctx.save_for_backward(*differentiable)
+        return outputs.view_as(outputs)
+
+    @staticmethod
+    def backward(ctx, grad_outputs):
+        saved = ctx.saved_tensors
+        inputs, additional_forward_args, mc_samples_batch_size = ctx.passes
+        n_inputs = len(_format_tensor_into_tuples(inputs))
+        input_leaves = tuple(x.detach().requires_grad_(x.requires_grad) for x in saved[:n_inputs])
+        targets = [*input_leaves, *saved[n_inputs:]]
+        wanted = [t for t in targets if t.requires_grad]
+        totals: List[Optional[Tensor]] = [None] * len(wanted)
+        start = 0
+        with torch.enable_grad():
+            passes = ctx.mc_model._outputs_by_pass(
+                _format_output(isinstance(inputs, tuple), input_leaves),
+                additional_forward_args,
+                mc_samples_batch_size,
+            )
+            for outputs in passes:  # differentiated inside the pass's sampling block
+                stop = start + outputs.shape[0]
+                gradients = torch.autograd.grad(outputs, wanted, grad_outputs[start:stop], allow_unused=True)
+                totals = [_sum_of_gradients(total, g) for total, g in zip(totals, gradients)]
+                start = stop
+        by_target = iter(totals)
+        return (None, None, None, *(next(by_target) if t.requires_grad else None for t in targets))
+
+
+def _sum_of_gradients(total: Optional[Tensor], gradient: Optional[Tensor]) -> Optional[Tensor]:
+    if total is None:
+        return gradient
+    return total if gradient is None else total + gradient
 
 
 class _Pass:

@@ -1,5 +1,4 @@
 import math
-import warnings
 
 import pytest
 import torch
@@ -694,14 +693,21 @@ def test_activation_checkpointed_networks(device):
     model.checkpointed = False
     mc_model(expected).sum().backward()
     torch.testing.assert_close(leaf.grad, expected.grad, rtol=1e-12, atol=1e-12)
-    # Outside that block a backward would recompute without the masks: the call warns.
-    model.checkpointed = True
-    with pytest.warns(UserWarning, match="checkpoints activations"):
-        mc_model(x.clone().requires_grad_())
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        with torch.no_grad():
-            mc_model(x)
+    # A backward through mc_model(x) itself, chunked or not: input and parameter
+    # gradients equal those of the plain network.
+    for chunk in (None, 3):
+        model.checkpointed = False
+        plain_leaf = x.clone().requires_grad_()
+        model.zero_grad()
+        (mc_model(plain_leaf, mc_samples_batch_size=chunk) ** 2).sum().backward()
+        plain_gradients = [p.grad.clone() for p in model.parameters()]
+        model.checkpointed = True
+        leaf = x.clone().requires_grad_()
+        model.zero_grad()
+        (mc_model(leaf, mc_samples_batch_size=chunk) ** 2).sum().backward()
+        torch.testing.assert_close(leaf.grad, plain_leaf.grad, rtol=1e-12, atol=1e-12)
+        for p, expected_gradient in zip(model.parameters(), plain_gradients):
+            torch.testing.assert_close(p.grad, expected_gradient, rtol=1e-12, atol=1e-12)
 
 
 class FlashAttentionBlock(nn.Module):

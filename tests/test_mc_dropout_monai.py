@@ -214,6 +214,13 @@ def test_checkpointed_unet_equals_the_plain_unet(device):
     plain = MCAttribution(Saliency, MCDropout(plain_unet, n_samples=T)).attribute(x, target=target)
     torch.testing.assert_close(ours, plain, rtol=1e-5, atol=1e-6)
     assert ours.abs().sum() > 0
+    # and a backward through the MC outputs themselves
+    gradients = []
+    for unet in (checkpointed, plain_unet):
+        leaf = x.clone().requires_grad_()
+        MCDropout(unet, n_samples=T)(leaf, mc_samples_batch_size=2)[:, :, 1].mean().backward()
+        gradients.append(leaf.grad)
+    torch.testing.assert_close(gradients[0], gradients[1], rtol=1e-5, atol=1e-7)
 
 
 def test_sliding_window_overlap_with_element_wise_dropout(device):
