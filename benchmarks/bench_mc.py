@@ -7,7 +7,8 @@ and runs all T sub-networks in one pass, or in chunks of ``mc_samples_batch_size
 1. T = 20, batch 4, two small CNNs: on 1 x 28 x 28 inputs, where the cost of a pass is
    mostly per-call overhead, and on 1 x 64 x 64 inputs, where it is mostly arithmetic.
 2. MONAI's UNet and SegResNet in 3-D (batch 1; needs the monai extra): prediction time
-   and peak memory against the loop, all T in one pass and one per pass.
+   and peak memory against the loop, all T in one pass and one per pass; the peak
+   memory of the UNet's uncertainty maps at T and 4 T, one sample per pass.
 3. Drawing the masks: a model of four element-wise dropout layers on 16 x 32^3
    features, so that the call is almost only masks, at T and 4 T with one sample per
    pass (the memory bound) and all in one pass.
@@ -189,6 +190,16 @@ def bench_monai(args, device):
             f"{name:<14} " + " ".join(f"{cell:>14}" for cell in cells)
             + f"  {medians['loop'] / medians[None]:7.2f}x  {memory[1] / memory['loop']:5.2f}x (one per pass)"
         )
+    unet = monai_networks()["UNet 3-D"].to(device).eval()
+    peaks = []
+    for count in (n_samples, 4 * n_samples):
+        mc_model = MCDropout(unet, count)
+        with torch.no_grad():
+            peaks.append(peak_memory_mib(lambda: mc_model.uncertainty(volume, mc_samples_batch_size=1), device))
+    print(
+        f"UNet 3-D uncertainty, one sample per pass: peak {peaks[0]:.1f} MiB at T = {n_samples}, "
+        f"{peaks[1]:.1f} MiB at T = {4 * n_samples} ({peaks[1] / peaks[0]:.2f}x)"
+    )
 
 
 def bench_mask_drawing(args, device):
