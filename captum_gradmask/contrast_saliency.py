@@ -40,6 +40,7 @@ class ContrastSaliency(GradientAttribution):
     """
 
     def __init__(self, forward_func: Callable[..., Tensor]) -> None:
+        """Arguments: see the class docstring."""
         super().__init__(forward_func)
 
     @log_usage()

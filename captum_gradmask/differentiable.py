@@ -68,6 +68,12 @@ def differentiable(attribution: AttributionT) -> AttributionT:
     ``NoiseTunnel``, with the same values, but NoiseTunnel averages under ``no_grad``,
     so that average carries no graph.
 
+    Args:
+        attribution (Attribution): one of the supported Captum attributions.
+
+    Returns:
+        A copy of ``attribution``, same class, whose ``attribute`` keeps the graph.
+
     Raises:
         TypeError: for any other method, e.g. those whose backward hooks replace
             gradients (GuidedBackprop, DeepLift, LRP), that run under ``no_grad``

@@ -305,6 +305,7 @@ class GradMask(nn.Module):
 
     @_with_options_in_signature
     def __init__(self, model: nn.Module, **options: object) -> None:
+        """Arguments: see the class docstring."""
         super().__init__()
         self.options = GradMaskOptions.from_keywords(options)
         _check_method_runs_compiled_models([model], self.options.method)

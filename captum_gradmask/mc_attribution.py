@@ -68,6 +68,7 @@ class MCAttribution(Attribution):
         mc_model: MCDropout,
         **attribution_init_kwargs,
     ) -> None:
+        """Arguments: see the class docstring."""
         if not isinstance(mc_model, MCDropout):
             raise TypeError(f"mc_model must be an MCDropout, got {type(mc_model).__name__}")
         super().__init__(_MeanOverSubNetworks(mc_model))

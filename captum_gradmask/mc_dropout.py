@@ -117,6 +117,7 @@ class MCDropout(nn.Module):
     """
 
     def __init__(self, model: nn.Module, n_samples: int = 20, seed: int = 0) -> None:
+        """Arguments: see the class docstring."""
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -100,6 +100,7 @@ class IterativeUnveiling(Attribution):
     """
 
     def __init__(self, attribution_method: Attribution) -> None:
+        """Arguments: see the class docstring."""
         if not isinstance(attribution_method, Attribution):
             raise TypeError(
                 "attribution_method must be a Captum Attribution, got "
