@@ -188,7 +188,7 @@ METHODS = [
     Method("GradMask class sq_l2", dict(variant="class", norm="sq_l2"), (1.0, 30.0, 1000.0)),
     Method("RRR sq_l2", dict(variant="rrr", norm="sq_l2"), (10.0, 300.0, 10000.0)),
 ]
-RECOMMENDED = "GradMask contrast sq_l2"  # the paper's setting, tested against the baseline
+RECOMMENDED = "GradMask contrast sq_l2"  # the authors' 2018-19 code (the paper writes l2); tested against the baseline
 
 # The paper's open question: GradMask with fewer segmentation masks. The recommended
 # method is rerun with the mask kept on these shares of the images that have one

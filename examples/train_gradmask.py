@@ -7,7 +7,8 @@ artifact is in half the images of each class, independent of the label. Each
 setting is trained over several seeds and scored by test AUC:
 
 - baseline: cross-entropy only;
-- GradMask, contrast saliency, input gradient, sq_l2 (the paper);
+- GradMask, contrast saliency, input gradient, sq_l2 (the authors' 2018-19 code;
+  the paper's eqs. 1-2 use l2);
 - GradMask, expected gradients (EG) with the default reference: each image inside
   its dilated lesion mask and 0 outside it;
 - GradMask, EG with healthy references: the path starts at a healthy (class-0)
