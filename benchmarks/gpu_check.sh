@@ -14,6 +14,6 @@ run "$PYTHON" -m pytest -q --device cuda -k "cuda" -p no:cacheprovider
 (cd benchmarks &&
   run "$PYTHON" bench_gradmask.py --quick --device cuda &&
   run "$PYTHON" bench_refine.py --quick --device cuda &&
-  run "$PYTHON" bench_mc.py --device cuda --repeats 3) || status=1
+  run "$PYTHON" bench_mc.py --quick --device cuda) || status=1
 run "$PYTHON" benchmarks/accuracy_gradmask_methods.py --quick
 exit $status
