@@ -1,9 +1,17 @@
-"""Contrast saliency on a small lesion classifier.
+"""What ContrastSaliency removes: evidence that moves both outputs alike.
 
-Trains a small CNN to tell images with a bright round lesion (class 1) from images
-without (class 0), then compares where Captum's Saliency and ContrastSaliency put
-their mass: the share of attribution inside the lesion, on held-out lesion images.
-Saves a figure of both maps.
+A small CNN reads two findings from noisy 32 x 32 images: finding A (a bright blob in
+the left half) and finding B (one in the right half), each with its own sigmoid
+output, as multi-label medical classifiers do. Brighter scans carry more findings of
+both kinds (as a scanner or population effect would make them), so both outputs also
+learn to rise with the overall brightness. On test images with both findings,
+Captum's Saliency of output A answers "what raises A?": finding A, and the brightness
+of the whole image. ContrastSaliency of A against B answers "what tells A from B?":
+the brightness moves both alike and drops out. Prints, for both maps, how much the
+explained quantity moves with the image's brightness (the map's signed sum: the
+derivative along a uniform brightness change) and the share of the map's mass inside
+finding A and B (the contrast map shows B as much as A, with the opposite sign: B is
+the evidence against A); saves a figure on one shared colour scale.
 
     python examples/contrast_saliency.py --quick
 """
@@ -22,32 +30,81 @@ from torch import nn  # noqa: E402
 
 from captum_gradmask import ContrastSaliency  # noqa: E402
 
+SIDE = 32
 
-def lesion_images(n, side, generator, device):
-    """Noise images; odd-indexed ones get a Gaussian lesion. Returns x, y, lesion masks."""
-    grid = torch.arange(side, device=device, dtype=torch.float32)
-    centres = torch.randint(6, side - 6, (n, 2), generator=generator).to(device)
-    squared_distance = (grid.view(1, -1, 1) - centres[:, 0].view(-1, 1, 1)) ** 2 + (
-        grid.view(1, 1, -1) - centres[:, 1].view(-1, 1, 1)
-    ) ** 2
-    labels = torch.arange(n, device=device) % 2
-    lesion = torch.exp(-squared_distance / 8.0) * labels.view(-1, 1, 1)
-    noise = 0.3 * torch.randn(n, side, side, generator=generator).to(device)
-    masks = (squared_distance <= 12.0) & (labels.view(-1, 1, 1) == 1)
-    return (noise + lesion).unsqueeze(1), labels, masks.unsqueeze(1)
+
+def findings_images(n, generator, device):
+    """Images, labels (N, 2) for findings A and B, and their masks (N, 2, H, W)."""
+    brightness = torch.rand(n, generator=generator) - 0.5
+    probability = torch.sigmoid(4 * brightness)  # brighter scans carry more findings
+    labels = (torch.rand(n, 2, generator=generator) < probability[:, None]).float()
+    grid = torch.arange(SIDE, dtype=torch.float32)
+    rows = torch.randint(6, SIDE - 6, (n, 2), generator=generator).float()
+    columns = torch.stack([
+        torch.randint(4, SIDE // 2 - 4, (n,), generator=generator),
+        torch.randint(SIDE // 2 + 4, SIDE - 4, (n,), generator=generator),
+    ], dim=1).float()
+    squared_distance = (grid.view(1, 1, -1, 1) - rows[..., None, None]) ** 2 + (
+        grid.view(1, 1, 1, -1) - columns[..., None, None]
+    ) ** 2  # (N, 2, H, W)
+    blobs = torch.exp(-squared_distance / 6.0) * labels[..., None, None]
+    masks = (squared_distance <= 9.0) & (labels[..., None, None] == 1)
+    noise = 0.3 * torch.randn(n, 1, SIDE, SIDE, generator=generator)
+    images = noise + blobs.sum(1, keepdim=True) + brightness.view(-1, 1, 1, 1)
+    return images.to(device), labels.to(device), masks.to(device)
 
 
 def small_cnn():
+    """Max-pooled over each half of the image, so it can tell left (A) from right (B)."""
     return nn.Sequential(
         nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 2),
+        nn.AdaptiveMaxPool2d((1, 2)), nn.Flatten(), nn.Linear(32, 2),
     )
 
 
-def share_inside(attributions, masks):
+def train(model, images, labels, n_steps, generator):
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(n_steps):
+        batch = torch.randint(0, len(images), (64,), generator=generator).to(images.device)
+        loss = nn.functional.binary_cross_entropy_with_logits(model(images[batch]), labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def share_inside(attributions, mask):
     mass = attributions.abs().flatten(1)
-    return ((mass * masks.flatten(1)).sum(1) / mass.sum(1)).mean().item()
+    return ((mass * mask.flatten(1)).sum(1) / mass.sum(1)).mean().item()
+
+
+def brightness_sensitivity(signed_attributions):
+    """How much the explained quantity moves per unit of uniform brightness: the sum
+    of its input gradient over the image (mean absolute value over images)."""
+    return signed_attributions.flatten(1).sum(1).abs().mean().item()
+
+
+def save_figure(path, images, masks, maps):
+    shown = min(4, len(images))
+    figure, axes = plt.subplots(len(maps) + 1, shown, figsize=(2.2 * shown, 2.2 * (len(maps) + 1)))
+    scale = max(m[:shown].abs().max().item() for m in maps.values())
+    for column in range(shown):
+        axes[0, column].imshow(images[column, 0].detach().cpu(), cmap="gray")
+        for row, (title, attribution) in enumerate(maps.items(), start=1):
+            shown_map = axes[row, column].imshow(
+                attribution[column, 0].cpu(), cmap="RdBu_r", vmin=-scale, vmax=scale
+            )
+        for row in range(len(maps) + 1):
+            for finding, colour in zip(range(2), ("lime", "orange")):
+                axes[row, column].contour(masks[column, finding].cpu(), levels=[0.5], colors=colour, linewidths=0.8)
+            axes[row, column].set_axis_off()
+    axes[0, 0].set_title("image (A: lime, B: orange)", fontsize=8, loc="left")
+    for row, title in enumerate(maps, start=1):
+        axes[row, 0].set_title(title, fontsize=8, loc="left")
+    figure.colorbar(shown_map, ax=axes[1:].ravel().tolist(), shrink=0.8, label="signed gradient (shared scale)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100)
 
 
 def main():
@@ -61,44 +118,27 @@ def main():
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    x_train, y_train, _ = lesion_images(512, 32, generator, args.device)
-    x_test, y_test, masks_test = lesion_images(128, 32, generator, args.device)
+    x_train, y_train, _ = findings_images(2048, generator, args.device)
+    x_test, y_test, masks_test = findings_images(512, generator, args.device)
+    model = train(small_cnn().to(args.device), x_train, y_train, 300 if args.quick else 1200, generator)
 
-    model = small_cnn().to(args.device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for step in range(150 if args.quick else 600):
-        batch = torch.randint(0, len(x_train), (64,), generator=generator).to(args.device)
-        loss = nn.functional.cross_entropy(model(x_train[batch]), y_train[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    model.eval()
-    accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
-    lesion_images_only = y_test == 1
-    x_lesion, lesion_masks = x_test[lesion_images_only], masks_test[lesion_images_only]
-    saliency = Saliency(model).attribute(x_lesion, target=1)
-    contrast = ContrastSaliency(model).attribute(x_lesion, target=1, contrast_target=0)
-
-    print(f"test accuracy                     {accuracy:.3f}")
-    print(f"lesion area / image               {lesion_masks.float().mean().item():.3f}")
-    print(f"Saliency mass inside lesion       {share_inside(saliency, lesion_masks):.3f}")
-    print(f"ContrastSaliency mass inside      {share_inside(contrast, lesion_masks):.3f}")
-
+    with torch.no_grad():
+        accuracy = ((model(x_test) > 0).float() == y_test).float().mean(0).tolist()
+    both = (y_test == 1).all(1)
+    images, masks = x_test[both].requires_grad_(), masks_test[both]
+    maps = {
+        "Saliency, output A": Saliency(model).attribute(images, target=0, abs=False),
+        "ContrastSaliency, A vs B": ContrastSaliency(model).attribute(images, target=0, contrast_target=1, abs=False),
+    }
+    print(f"test accuracy: finding A {accuracy[0]:.3f}, finding B {accuracy[1]:.3f}; "
+          f"{len(images)} test images with both findings\n")
+    print(f"{'map':<26} {'brightness sensitivity':>23} {'mass in A':>10} {'mass in B':>10}")
+    for name, attribution in maps.items():
+        print(f"{name:<26} {brightness_sensitivity(attribution):23.3f} "
+              f"{share_inside(attribution, masks[:, :1]):10.3f} {share_inside(attribution, masks[:, 1:]):10.3f}")
     out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(3, 4, figsize=(8, 6))
-    for column in range(4):
-        for row, (image, title) in enumerate(
-            [(x_lesion, "image"), (saliency, "Saliency"), (contrast, "ContrastSaliency")]
-        ):
-            axes[row, column].imshow(image[column, 0].detach().cpu(), cmap="gray" if row == 0 else "hot")
-            axes[row, column].contour(lesion_masks[column, 0].cpu(), levels=[0.5], colors="cyan", linewidths=0.8)
-            axes[row, column].set_axis_off()
-            axes[row, 0].set_title(title, fontsize=9, loc="left")
-    figure.tight_layout()
-    figure.savefig(out, dpi=100)
-    print(f"figure saved to {out} ({time.perf_counter() - start:.1f} s)")
+    save_figure(out, images, masks, maps)
+    print(f"\nfigure saved to {out} ({time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":
