@@ -16,7 +16,6 @@ the evidence against A); saves a figure on one shared colour scale.
     python examples/contrast_saliency.py --quick
 """
 
-import argparse
 import pathlib
 import time
 
@@ -28,6 +27,7 @@ import torch  # noqa: E402
 from captum.attr import Saliency  # noqa: E402
 from torch import nn  # noqa: E402
 
+from _common import example_arguments, train_on_minibatches  # noqa: E402
 from captum_gradmask import ContrastSaliency  # noqa: E402
 
 SIDE = 32
@@ -61,17 +61,6 @@ def small_cnn():
         nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
         nn.AdaptiveMaxPool2d((1, 2)), nn.Flatten(), nn.Linear(32, 2),
     )
-
-
-def train(model, images, labels, n_steps, generator):
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(n_steps):
-        batch = torch.randint(0, len(images), (64,), generator=generator).to(images.device)
-        loss = nn.functional.binary_cross_entropy_with_logits(model(images[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def share_inside(attributions, mask):
@@ -108,19 +97,17 @@ def save_figure(path, images, masks, maps):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer training steps")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/contrast_saliency.png")
-    args = parser.parse_args()
+    args = example_arguments(__doc__, "outputs/contrast_saliency.png", "fewer training steps")
 
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     x_train, y_train, _ = findings_images(2048, generator, args.device)
     x_test, y_test, masks_test = findings_images(512, generator, args.device)
-    model = train(small_cnn().to(args.device), x_train, y_train, 300 if args.quick else 1200, generator)
+    model = train_on_minibatches(
+        small_cnn().to(args.device), x_train, y_train, nn.functional.binary_cross_entropy_with_logits,
+        300 if args.quick else 1200, generator,
+    )
 
     with torch.no_grad():
         accuracy = ((model(x_test) > 0).float() == y_test).float().mean(0).tolist()

@@ -20,7 +20,6 @@ A figure of slices through a test lesion goes to ``outputs/monai_volumes.png``.
     python examples/monai_volumes.py --quick
 """
 
-import argparse
 import pathlib
 import time
 import warnings
@@ -35,6 +34,7 @@ from monai.data import DataLoader, Dataset  # noqa: E402
 from monai.networks import nets  # noqa: E402
 from monai.transforms import Compose, EnsureTyped, RandGaussianNoised  # noqa: E402
 
+from _common import example_arguments  # noqa: E402
 from captum_gradmask import (  # noqa: E402
     GradMask,
     MCDropout,
@@ -167,12 +167,7 @@ def save_figure(path, volume, mask, saliencies, probability, mutual_information)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="smaller volumes, fewer epochs")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/monai_volumes.png")
-    args = parser.parse_args()
+    args = example_arguments(__doc__, "outputs/monai_volumes.png", "smaller volumes, fewer epochs")
     warnings.filterwarnings("ignore", message="BatchNorm in training mode")
     start, device = time.perf_counter(), torch.device(args.device)
     size, n_train, epochs = (24, 48, 20) if args.quick else (32, 96, 30)

@@ -13,7 +13,6 @@ Prints a table and saves a figure.
     python examples/uncertainty_maps.py --quick
 """
 
-import argparse
 import pathlib
 import time
 
@@ -26,6 +25,7 @@ import torch.nn.functional as F  # noqa: E402
 from captum.attr import Saliency  # noqa: E402
 from torch import nn  # noqa: E402
 
+from _common import example_arguments  # noqa: E402
 from captum_gradmask.datasets.vessels import synthetic_vessels  # noqa: E402
 from captum_gradmask import MCAttribution, MCDropout  # noqa: E402
 
@@ -188,12 +188,7 @@ def save_figure(test_sets, maps, saliency, out):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="less data and training")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/uncertainty_maps.png")
-    args = parser.parse_args()
+    args = example_arguments(__doc__, "outputs/uncertainty_maps.png", "less data and training")
     start = time.perf_counter()
     torch.manual_seed(args.seed)
     n_train, n_test, steps = (256, 48, 200) if args.quick else (384, 128, 400)

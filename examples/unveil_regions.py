@@ -10,7 +10,6 @@ and saves a figure of the masks over the images.
     python examples/unveil_regions.py --quick
 """
 
-import argparse
 import pathlib
 import time
 import warnings
@@ -24,6 +23,7 @@ import torch  # noqa: E402
 from captum.attr import GuidedBackprop, NoiseTunnel, Saliency  # noqa: E402
 from torch import nn  # noqa: E402
 
+from _common import example_arguments, train_on_minibatches  # noqa: E402
 from captum_gradmask.datasets.regions import multi_region_images  # noqa: E402
 from captum_gradmask.metrics import region_recall  # noqa: E402
 from captum_gradmask.refine import refine_mask  # noqa: E402
@@ -40,18 +40,6 @@ def max_pooling_cnn() -> nn.Module:
         nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8, 2),
     )
-
-
-def train(model, images, labels, n_steps, seed):
-    generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(n_steps):
-        batch = torch.randint(0, len(images), (64,), generator=generator).to(images.device)
-        loss = nn.functional.cross_entropy(model(images[batch]), labels[batch])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return model.eval()
 
 
 def regions_found(masks, regions):
@@ -100,12 +88,7 @@ def save_figure(path, images, regions, single_masks, order):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer training steps and test images")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="outputs/unveil_regions.png")
-    args = parser.parse_args()
+    args = example_arguments(__doc__, "outputs/unveil_regions.png", "fewer training steps and test images")
     warnings.filterwarnings("ignore", category=UserWarning, module="captum")
 
     start = time.perf_counter()
@@ -113,8 +96,10 @@ def main():
     train_set = multi_region_images(1024, seed=10 * args.seed + 1, device=args.device)
     test_set = multi_region_images(64 if args.quick else 256, seed=10 * args.seed + 2,
                                    device=args.device)
-    model = train(max_pooling_cnn().to(args.device), train_set.images, train_set.labels,
-                  n_steps=100 if args.quick else 300, seed=args.seed)
+    model = train_on_minibatches(
+        max_pooling_cnn().to(args.device), train_set.images, train_set.labels, nn.functional.cross_entropy,
+        n_steps=100 if args.quick else 300, generator=torch.Generator().manual_seed(args.seed),
+    )
     with torch.no_grad():
         accuracy = (model(test_set.images).argmax(1) == test_set.labels).float().mean().item()
     positives = test_set.labels == 1
