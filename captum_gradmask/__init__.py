@@ -3,7 +3,8 @@
 A Captum plugin: saliency-based training penalties (GradMask), contrast saliency,
 differentiable Captum attributions, mask refinement, iterative unveiling and
 MC-dropout uncertainty. Localisation metrics live in ``captum_gradmask.metrics``,
-offline data generators in ``captum_gradmask.datasets``.
+offline data generators in ``captum_gradmask.datasets``, figures in
+``captum_gradmask.viz``.
 """
 
 from captum_gradmask.contrast_saliency import ContrastSaliency

@@ -11,7 +11,7 @@ the brightness moves both alike and drops out. Prints, for both maps, how much t
 explained quantity moves with the image's brightness (the map's signed sum: the
 derivative along a uniform brightness change) and the share of the map's mass inside
 finding A and B (the contrast map shows B as much as A, with the opposite sign: B is
-the evidence against A); saves a figure on one shared colour scale.
+the evidence against A); saves a figure drawn with ``captum_gradmask.viz``.
 
     python examples/contrast_saliency.py --quick
 """
@@ -22,13 +22,12 @@ import time
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from captum.attr import Saliency  # noqa: E402
 from torch import nn  # noqa: E402
 
 from _common import example_arguments, train_on_minibatches  # noqa: E402
-from captum_gradmask import ContrastSaliency  # noqa: E402
+from captum_gradmask import ContrastSaliency, viz  # noqa: E402
 
 SIDE = 32
 
@@ -74,28 +73,6 @@ def brightness_sensitivity(signed_attributions):
     return signed_attributions.flatten(1).sum(1).abs().mean().item()
 
 
-def save_figure(path, images, masks, maps):
-    shown = min(4, len(images))
-    figure, axes = plt.subplots(len(maps) + 1, shown, figsize=(2.2 * shown, 2.2 * (len(maps) + 1)))
-    scale = max(m[:shown].abs().max().item() for m in maps.values())
-    for column in range(shown):
-        axes[0, column].imshow(images[column, 0].detach().cpu(), cmap="gray")
-        for row, (title, attribution) in enumerate(maps.items(), start=1):
-            shown_map = axes[row, column].imshow(
-                attribution[column, 0].cpu(), cmap="RdBu_r", vmin=-scale, vmax=scale
-            )
-        for row in range(len(maps) + 1):
-            for finding, colour in zip(range(2), ("lime", "orange")):
-                axes[row, column].contour(masks[column, finding].cpu(), levels=[0.5], colors=colour, linewidths=0.8)
-            axes[row, column].set_axis_off()
-    axes[0, 0].set_title("image (A: lime, B: orange)", fontsize=8, loc="left")
-    for row, title in enumerate(maps, start=1):
-        axes[row, 0].set_title(title, fontsize=8, loc="left")
-    figure.colorbar(shown_map, ax=axes[1:].ravel().tolist(), shrink=0.8, label="signed gradient (shared scale)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=100)
-
-
 def main():
     args = example_arguments(__doc__, "outputs/contrast_saliency.png", "fewer training steps")
 
@@ -124,7 +101,10 @@ def main():
         print(f"{name:<26} {brightness_sensitivity(attribution):23.3f} "
               f"{share_inside(attribution, masks[:, :1]):10.3f} {share_inside(attribution, masks[:, 1:]):10.3f}")
     out = pathlib.Path(args.out)
-    save_figure(out, images, masks, maps)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure = viz.map_grid(images, maps, masks, signed=True, colour_bar_label="signed gradient")
+    figure.suptitle("finding A: lime contour, B: orange", fontsize=9)
+    figure.savefig(out, dpi=100)
     print(f"\nfigure saved to {out} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -27,7 +27,6 @@ import warnings
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from monai.data import DataLoader, Dataset  # noqa: E402
@@ -40,6 +39,7 @@ from captum_gradmask import (  # noqa: E402
     MCDropout,
     mc_sliding_window_inference,
     predictive_uncertainty,
+    viz,
 )
 from captum_gradmask.datasets._common import import_optional  # noqa: E402
 from captum_gradmask.metrics import roc_auc  # noqa: E402
@@ -150,18 +150,22 @@ def train_unet(train_items, epochs, device, seed):
 
 
 def save_figure(path, volume, mask, saliencies, probability, mutual_information):
-    """Axial slices through the lesion's centre."""
-    middle = mask.reshape(mask.shape[-3:]).sum(dim=(0, 1)).argmax().item()
-    panels = [("volume", volume, "gray"), ("lesion mask", mask, "gray")]
-    panels += [(f"saliency, {name}", s, "magma") for name, s in saliencies.items()]
-    panels += [("UNet: mean p(lesion)", probability, "viridis"),
-               ("UNet: mutual information", mutual_information, "inferno")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(2.6 * len(panels), 2.8))
-    for axis, (title, data, colours) in zip(axes, panels):
-        axis.imshow(data.reshape(data.shape[-3:])[..., middle].cpu().T, cmap=colours, origin="lower")
-        axis.set_title(title, fontsize=8)
-        axis.axis("off")
-    figure.tight_layout()
+    """Slices through the lesion's centre: the volume, both classifiers' saliency on one
+    scale, the UNet's lesion probability and mutual information; the lesion contoured."""
+    plt = import_optional("matplotlib.pyplot")
+    at_lesion = mask.reshape(mask.shape[-3:]).sum(dim=(0, 1)).argmax().item()
+    volume, mask = volume[0], mask.reshape(1, *mask.shape[-3:])
+    figure, axes = plt.subplots(1, 5, figsize=(16, 3.2))
+    viz.show(axes[0], volume, masks=[mask], slice_index=at_lesion, title="volume, lesion contoured")
+    scale = viz.shared_scale([s[:, ..., at_lesion] for s in saliencies.values()], signed=False)
+    for axis, (name, saliency) in zip(axes[1:3], saliencies.items()):
+        artist = viz.show(axis, overlay=saliency[0], masks=[mask], scale=scale, slice_index=at_lesion,
+                          title=f"|saliency|, {name}")
+    figure.colorbar(artist, ax=axes[1:3].tolist(), shrink=0.8)
+    for axis, (name, values) in zip(axes[3:], [("UNet: mean p(lesion)", probability),
+                                               ("UNet: mutual information", mutual_information)]):
+        artist = viz.show(axis, overlay=values, masks=[mask], slice_index=at_lesion, title=name)
+        figure.colorbar(artist, ax=axis, shrink=0.8)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
 
