@@ -27,7 +27,7 @@ from torch import nn  # noqa: E402
 
 from _common import example_arguments  # noqa: E402
 from captum_gradmask.datasets.vessels import synthetic_vessels  # noqa: E402
-from captum_gradmask import MCAttribution, MCDropout  # noqa: E402
+from captum_gradmask import MCAttribution, MCDropout, viz  # noqa: E402
 
 IN_DISTRIBUTION = {"noise_std": 0.03, "vessel_contrast": 0.3}
 SHIFTS = {
@@ -162,25 +162,30 @@ def print_table(rows):
 
 
 def save_figure(test_sets, maps, saliency, out):
+    """Rows: the test sets; columns: the image and five maps, each map column on one
+    colour scale across the test sets (so a shift's higher uncertainty shows), with its
+    colour bar."""
     columns = ["image", "P(vessel), mean", "epistemic: MI", "aleatoric: E[H]"]
     columns += ["saliency mean", "saliency spread"]
-    figure, axes = plt.subplots(len(test_sets), len(columns), figsize=(15, 2.7 * len(test_sets)))
-    for row, (name, test_set) in enumerate(test_sets.items()):
+    rows = {}
+    for name, test_set in test_sets.items():
         index = int(test_set.labels.argmax())  # the first image with lesions
         image = test_set.images[index : index + 1]
         mean, spread = saliency.attribute(image, target=1, return_std=True)
         uncertainty = maps[name]
-        panels = [image[0, 0], uncertainty.mean[index, 1], uncertainty.mutual_information[index]]
-        panels += [uncertainty.expected_entropy[index], mean[0, 0], spread[0, 0]]
-        for column, (title, panel) in enumerate(zip(columns, panels)):
-            axis = axes[row, column]
-            axis.imshow(panel.detach().cpu(), cmap="gray" if column == 0 else "magma")
-            axis.set_xticks([])
-            axis.set_yticks([])
-            if row == 0:
-                axis.set_title(title)
-        axes[row, 0].set_ylabel(name)
-    figure.tight_layout()
+        rows[name] = [image[0], uncertainty.mean[index, 1:2], uncertainty.mutual_information[index : index + 1],
+                      uncertainty.expected_entropy[index : index + 1], mean[0], spread[0]]
+    figure, axes = plt.subplots(len(rows), len(columns), figsize=(17, 2.7 * len(rows)), squeeze=False)
+    for column, title in enumerate(columns):
+        panels = [row[column] for row in rows.values()]
+        scale = viz.shared_scale(panels, signed=False)
+        for row, panel in enumerate(panels):
+            if column == 0:
+                artist = viz.show(axes[row, 0], image=panel, title=list(rows)[row])
+            else:
+                artist = viz.show(axes[row, column], overlay=panel, scale=scale, title=title if row == 0 else None)
+        if column > 0:
+            figure.colorbar(artist, ax=axes[:, column].tolist(), shrink=0.7)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
