@@ -720,6 +720,14 @@ def save_run(path, results, datasets, sizes, methods, shares, protocol, elapsed)
     ), indent=1))
 
 
+def merged_protocol(protocols):
+    """One description of several runs: each distinct protocol once."""
+    distinct = list(dict.fromkeys(protocols))
+    if len(protocols) == 1:
+        return distinct[0]
+    return f"{len(protocols)} runs merged: " + "; ".join(distinct)
+
+
 def load_runs(paths):
     """One run from the results.json of several (e.g. the main table and the sweep)."""
     runs = [json.loads(path.read_text()) for path in paths]
@@ -729,7 +737,7 @@ def load_runs(paths):
         sizes=tuple(runs[0]["sizes"]),
         methods=[m for m in METHODS if any(m.name in run["methods"] for run in runs)],
         shares=tuple(sorted({share for run in runs for share in run["shares"]}, reverse=True)),
-        protocol="; ".join(run["protocol"] for run in runs),
+        protocol=merged_protocol([run["protocol"] for run in runs]),
         elapsed=sum(run["elapsed"] for run in runs),
     )
 

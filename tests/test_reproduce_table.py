@@ -79,3 +79,12 @@ def test_crosses_cnn_has_exactly_zero_saliency_on_blank_background(device):
     near_drawn = torch.nn.functional.max_pool2d((images > 0).double(), 5, stride=1, padding=2) > 0
     assert saliency[~near_drawn].abs().max().item() == 0.0
     assert saliency[near_drawn].abs().max().item() > 0.0
+
+
+def test_merged_runs_describe_each_distinct_protocol_once():
+    from examples.reproduce_table import merged_protocol
+
+    assert merged_protocol(["20 seeds"]) == "20 seeds"
+    assert merged_protocol(["20 seeds, [64]", "20 seeds, [64]", "20 seeds, [128]"]) == (
+        "3 runs merged: 20 seeds, [64]; 20 seeds, [128]"
+    )
