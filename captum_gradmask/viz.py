@@ -39,24 +39,28 @@ def plane(tensor: Tensor, slice_index: Optional[int] = None) -> np.ndarray:
 
 
 def shared_scale(maps: Sequence[Tensor], signed: bool) -> Tuple[float, float]:
-    """(vmin, vmax) covering every map: symmetric about 0 if ``signed``."""
-    largest = max(float(m.detach().abs().max()) for m in maps) or 1.0
+    """(vmin, vmax) covering every map (NaN, drawn transparent, ignored): symmetric
+    about 0 if ``signed``."""
+    values = [m.detach()[~m.detach().isnan()] for m in maps]
+    largest = max((float(v.abs().max()) for v in values if v.numel()), default=0.0) or 1.0
     if signed:
         return -largest, largest
-    return min(float(m.detach().min()) for m in maps), largest
+    return min(float(v.min()) for v in values if v.numel()), largest
 
 
-def show(axis, image=None, overlay=None, masks=(), *, scale=None, signed=False, slice_index=None, title=None):
-    """Draw ``image`` in grey, ``overlay`` (a map) over it on ``scale``, and ``masks``
-    (each (1, ...) bool or 0/1) as contours; return the overlay's artist (for a
-    colour bar) or the image's."""
+def show(axis, image=None, overlay=None, masks=(), *, scale=None, signed=False, slice_index=None, title=None,
+         cmap=None):
+    """Draw ``image`` in grey, ``overlay`` (a map; NaN is transparent) over it on
+    ``scale`` with ``cmap`` (default: diverging if ``signed``, else magma), and
+    ``masks`` (each (1, ...) bool or 0/1) as contours; return the overlay's artist
+    (for a colour bar) or the image's."""
     artist = None
     if image is not None:
         artist = axis.imshow(plane(image, slice_index), cmap="gray")
     if overlay is not None:
         vmin, vmax = scale if scale is not None else shared_scale([overlay], signed)
         artist = axis.imshow(
-            plane(overlay, slice_index), cmap="RdBu_r" if signed else "magma", vmin=vmin, vmax=vmax,
+            plane(overlay, slice_index), cmap=cmap or ("RdBu_r" if signed else "magma"), vmin=vmin, vmax=vmax,
             alpha=0.75 if image is not None else 1.0,
         )
     for mask, colour in zip(masks, MASK_COLOURS):

@@ -18,7 +18,6 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from captum.attr import GuidedBackprop, NoiseTunnel, Saliency  # noqa: E402
 from torch import nn  # noqa: E402
@@ -28,6 +27,7 @@ from captum_gradmask.datasets.regions import multi_region_images  # noqa: E402
 from captum_gradmask.metrics import region_recall  # noqa: E402
 from captum_gradmask.refine import refine_mask  # noqa: E402
 from captum_gradmask.unveiling import IterativeUnveiling  # noqa: E402
+from captum_gradmask import viz  # noqa: E402
 
 N_ITER = 5
 KERNEL_SIZE = 5  # the paper's 11 is for 224-pixel images; these are 64 pixels
@@ -57,31 +57,21 @@ def print_table(rows, n_regions):
 
 
 def save_figure(path, images, regions, single_masks, order):
-    """Rows: the image, the single-shot mask, the unveiling order; lesions outlined in red."""
+    """Rows: the image, the single-shot mask, the unveiling order; lesions contoured."""
     n_shown = min(4, len(images))
-    figure, axes = plt.subplots(3, n_shown, figsize=(2.4 * n_shown + 1, 7.5),
-                                squeeze=False, layout="constrained")
+    figure, axes = plt.subplots(3, n_shown, figsize=(2.4 * n_shown + 1, 7.5), squeeze=False)
     order_colours = plt.get_cmap("viridis", N_ITER)
     for column in range(n_shown):
-        truth = regions[column, :, 0].any(dim=0).cpu().numpy()
-        single = single_masks[column, 0].cpu().numpy()
-        found_at = order[column, 0].cpu().numpy()
-        overlays = [
-            ("image, lesions outlined", None, None),
-            ("single-shot mask", np.ma.masked_where(~single, single), "cool"),
-            ("unveiling: iteration found", np.ma.masked_equal(found_at, 0), order_colours),
-        ]
-        for row, (title, overlay, colours) in enumerate(overlays):
-            axis = axes[row, column]
-            axis.imshow(images[column, 0].cpu().numpy(), cmap="gray")
-            if overlay is not None:
-                shown = axis.imshow(overlay, cmap=colours, alpha=0.7, vmin=0.5 if row == 2 else 0,
-                                    vmax=N_ITER + 0.5 if row == 2 else 1)
-            axis.contour(truth, levels=[0.5], colors="red", linewidths=0.8)
-            axis.set_title(title, fontsize=8)
-            axis.axis("off")
-    figure.colorbar(shown, ax=axes[2, -1], ticks=range(1, N_ITER + 1), shrink=0.8,
-                    label="iteration")
+        lesions = [regions[column, :, 0].any(dim=0, keepdim=True)]
+        found_at = order[column].float().masked_fill(order[column] == 0, float("nan"))
+        single = single_masks[column].float().masked_fill(~single_masks[column], float("nan"))
+        viz.show(axes[0, column], images[column], masks=lesions, title="image, lesions" if column == 0 else None)
+        viz.show(axes[1, column], images[column], overlay=single, masks=lesions, scale=(0, 1), cmap="cool",
+                 title="single-shot mask" if column == 0 else None)
+        shown = viz.show(axes[2, column], images[column], overlay=found_at, masks=lesions,
+                         scale=(0.5, N_ITER + 0.5), cmap=order_colours,
+                         title="unveiling: iteration found" if column == 0 else None)
+    figure.colorbar(shown, ax=axes[2, :].tolist(), ticks=range(1, N_ITER + 1), shrink=0.8, label="iteration")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)

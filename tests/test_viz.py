@@ -1,6 +1,7 @@
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -39,3 +40,12 @@ def test_map_grid_rows_scales_and_contours(spatial):
     low, high = map_artist.get_clim()
     assert low == -high and high == pytest.approx(float(maps["a"][:2].abs().max()))
     assert all(len(axis.collections) > 0 for axis in panels)  # the mask contour everywhere
+
+
+def test_nan_is_transparent_and_left_out_of_the_scale():
+    order = torch.tensor([[[float("nan"), 1.0], [2.0, float("nan")]]])
+    assert viz.shared_scale([order], signed=False) == (1.0, 2.0)
+    figure, axis = plt.subplots()
+    artist = viz.show(axis, torch.rand(1, 2, 2), overlay=order, scale=(0.5, 2.5), cmap="viridis")
+    assert artist.get_cmap().name == "viridis"
+    assert np.ma.getmaskarray(artist.get_array()).sum() == 2  # matplotlib masks NaN: transparent
