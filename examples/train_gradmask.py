@@ -52,6 +52,7 @@ from captum_gradmask.datasets.lesions import (  # noqa: E402
 )
 from captum_gradmask.gradmask import GradMask  # noqa: E402
 from captum_gradmask.metrics import relevance_mass_accuracy, roc_auc  # noqa: E402
+from captum_gradmask import viz  # noqa: E402
 
 TRAIN_CONFOUND = 1.0  # artifact in every class-1 and no class-0 training image
 TEST_CONFOUND = 0.5  # artifact independent of the label
@@ -200,35 +201,29 @@ def save_figure(path, figure_data, n_shown=4):
     """Per artifact, three rows on one colour scale each: test images with the
     artifact and a lesion, then |integrated gradients| of z_1 - z_0 for the baseline
     and the recommended model, each panel titled with its share of attribution in
-    the lesion (red outline) and on the artifact's corner (cyan box)."""
+    the lesion (lime contour) and on the artifact's corner (orange contour)."""
     rows = len(figure_data) * 3
     figure, axes = plt.subplots(rows, n_shown, figsize=(2.2 * n_shown + 1, 2.2 * rows),
                                 squeeze=False, layout="constrained")
     for block, (artifact, (models, test_set)) in enumerate(figure_data.items()):
         shown = (test_set.labels == 1) & test_set.has_artifact
         images, masks = test_set.images[shown][:n_shown], test_set.masks[shown][:n_shown]
-        panels = [(f"{artifact}: test image", images, "gray")]
-        for setting in (SETTINGS[0], RECOMMENDED):
+        zones = artifact_zone(images)
+        for column, axis in enumerate(axes[3 * block]):
+            artist = viz.show(axis, images[column], masks=[masks[column], zones[column]],
+                              title=f"{artifact}: test image")
+        figure.colorbar(artist, ax=list(axes[3 * block]), shrink=0.8, label="intensity")
+        for offset, setting in enumerate((SETTINGS[0], RECOMMENDED), start=1):
+            maps = integrated_gradients(models[setting.name], images)
+            in_lesion = relevance_mass_accuracy(maps, masks)
+            on_artifact = relevance_mass_accuracy(maps, zones)
+            scale = viz.shared_scale([maps], signed=False)
             name = f"{setting.name.split(' (')[0]}\nintegrated gradients"
-            panels.append((name, integrated_gradients(models[setting.name], images), "hot"))
-        for offset, (name, maps, colours) in enumerate(panels):
-            row = axes[3 * block + offset]
-            low, high = (maps.min().item(), maps.max().item()) if offset == 0 else (0.0, maps.max().item())
-            if offset > 0:
-                in_lesion = relevance_mass_accuracy(maps, masks)
-                on_artifact = relevance_mass_accuracy(maps, artifact_zone(maps))
-            for column, axis in enumerate(row):
-                shown_map = axis.imshow(maps[column, 0].cpu().numpy(), cmap=colours, vmin=low, vmax=high)
-                axis.contour(masks[column, 0].cpu().numpy(), levels=[0.5], colors="red", linewidths=0.8)
-                side = ARTIFACT_ZONE * maps.shape[-1]
-                axis.add_patch(plt.Rectangle((-0.5, -0.5), side, side, fill=False, edgecolor="cyan",
-                                             linestyle="--", linewidth=0.8))
-                title = name if offset == 0 else (
-                    f"{name}\nlesion {in_lesion[column]:.2f}, artifact {on_artifact[column]:.2f}")
-                axis.set_title(title, fontsize=7)
-                axis.axis("off")
-            figure.colorbar(shown_map, ax=list(row), shrink=0.8,
-                            label="intensity" if offset == 0 else "|attribution|")
+            for column, axis in enumerate(axes[3 * block + offset]):
+                artist = viz.show(axis, overlay=maps[column], masks=[masks[column], zones[column]], scale=scale,
+                                  title=f"{name}\nlesion {in_lesion[column]:.2f}, artifact {on_artifact[column]:.2f}")
+                axis.title.set_fontsize(7)
+            figure.colorbar(artist, ax=list(axes[3 * block + offset]), shrink=0.8, label="|attribution|")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
