@@ -48,6 +48,8 @@ _GLOBAL_DRAW_REFUSAL = (
 )
 
 _CHECKPOINT_FILE = os.path.join("torch", "utils", "checkpoint.py")
+
+
 class StochasticLayer(NamedTuple):
     """A layer MCDropout samples: in eval mode it returns its input, and sub-network t
     multiplies that by a fixed mask of kept (``keep_scale``) and dropped (0) values."""
@@ -66,16 +68,17 @@ class MCDropout(nn.Module):
     input) by a mask drawn once for t and shared by all examples: element-wise for
     ``nn.Dropout``, one value per channel for ``nn.Dropout1d/2d/3d``, one value per
     sub-network for stochastic depth (MONAI's or timm's ``DropPath``, torchvision's
-    ``StochasticDepth``, the drop_connect of MONAI's EfficientNet). The masks are set by forward hooks, drawn on the inputs'
-    device for the sub-networks of one pass only (so ``mc_samples_batch_size`` bounds
-    their memory too) from one seed per (layer, sub-network) derived from ``seed``:
-    the same ``seed`` gives the same sub-networks for any batch size and chunking on
-    a device type (outputs equal up to the rounding of batch-size-dependent kernels), and the global random state is never used. The masks of the last
-    pass are kept for a next pass of the same sub-networks (with all T in one pass,
-    repeated calls on inputs of one shape draw them once). Layers with p = 0 are
-    left alone. During a call the model is in eval mode (BatchNorm uses its running
-    statistics and does not update them); modes are restored afterwards, also after
-    an exception.
+    ``StochasticDepth``, the drop_connect of MONAI's EfficientNet). The masks are set
+    by forward hooks, drawn on the inputs' device for the sub-networks of one pass
+    only (so ``mc_samples_batch_size`` bounds their memory too), from one seed per
+    (layer, sub-network) derived from ``seed``: the same ``seed`` gives the same
+    sub-networks for any batch size and chunking on a device type (outputs equal up to
+    the rounding of batch-size-dependent kernels), and the global random state is
+    never used. The masks of the last pass are kept for a next pass of the same
+    sub-networks (with all T in one pass, repeated calls on inputs of one shape draw
+    them once). Layers with p = 0 are left alone. During a call the model is in eval
+    mode (BatchNorm uses its running statistics and does not update them); modes are
+    restored afterwards, also after an exception.
 
     A layer whose input folds other rows into the batch dimension (window attention:
     B x windows rows) gets one mask per folded row, provided the batch comes first
@@ -85,8 +88,8 @@ class MCDropout(nn.Module):
     ``FeatureAlphaDropout``, subclasses of the dropout layers,
     ``nn.MultiheadAttention`` with ``dropout > 0``, attention blocks that call
     ``F.scaled_dot_product_attention`` with dropout (MONAI's ``use_flash_attention``);
-    each error says how to run the model instead. A model that draws from the global random
-    generator during the forward pass raises a RuntimeError.
+    each error says how to run the model instead. A model that draws from the global
+    random generator during the forward pass raises a RuntimeError.
     ``F.dropout(x, training=self.training)`` cannot be detected: it is off in eval
     mode, so it does not take part in sampling. A layer called twice in one forward
     pass applies the same mask both times.
@@ -129,8 +132,9 @@ class MCDropout(nn.Module):
         self.n_samples = n_samples
         self.seed = seed
         self.stochastic_layers = find_stochastic_layers(model)
-        # One seed per layer; sub-network t of a layer draws from (layer seed, t), so a
-        # mask does not depend on which other sub-networks share its pass.
+        # One seed per layer (Python ints, so drawn on the CPU whatever the device);
+        # sub-network t of a layer draws from (layer seed, t), so a mask does not
+        # depend on which other sub-networks share its pass.
         seeds = torch.randint(
             0, 2**62, (len(self.stochastic_layers),), generator=torch.Generator().manual_seed(seed)
         )

@@ -192,9 +192,10 @@ class IterativeUnveiling(Attribution):
             examples_batch_size (int, optional): unveil this many examples at a
                 time, so peak memory stays that of a batch this size; results are
                 the same up to float rounding (methods that draw random numbers,
-                such as NoiseTunnel and GradientShap, draw per chunk). Per-example values (a Tensor with N rows, a list of N
-                entries) in ``target``, ``fill``, ``additional_forward_args`` and
-                ``attribute_kwargs`` are split with the inputs; the baseline
+                such as NoiseTunnel and GradientShap, draw per chunk). Per-example
+                values (a Tensor with N rows, a list of N entries) in ``target``,
+                ``fill``, ``additional_forward_args`` and ``attribute_kwargs`` are
+                split with the inputs; the baseline
                 distributions of the Shap methods are not. Refused for methods that
                 compute an example's attribution from the whole batch
                 (``FeaturePermutation``; DeepLift on a model with ``nn.Softmax``).

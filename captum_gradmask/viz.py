@@ -1,8 +1,9 @@
-"""Figures of attributions, uncertainty and masks over images (matplotlib: the ``viz`` extra).
+"""Figures of attributions, uncertainty and masks over images (the ``viz`` extra).
 
-Images are (C, H, W) or volumes (C, D, H, W); volumes are shown by one slice along their last axis, the middle one unless
-``slice_index`` says otherwise. Maps shown side by side share one colour scale, so
-that their values compare; signed maps use a diverging scale centred on 0.
+Images are (C, H, W) or volumes (C, D, H, W); volumes are shown by one slice along
+their last axis, the middle one unless ``slice_index`` says otherwise. Maps shown
+side by side share one colour scale, so that their values compare; signed maps use a
+diverging scale centred on 0.
 
 Examples::
 
