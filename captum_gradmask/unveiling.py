@@ -1,10 +1,9 @@
 """Iterative unveiling: hide the region an attribution found and ask again."""
 
-import contextlib
 import functools
 import inspect
 import math
-from typing import Callable, Iterator, List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from captum.attr import Attribution, LayerAttribution
@@ -19,7 +18,7 @@ from captum_gradmask._batching import (
     wrapper_chain,
 )
 from captum_gradmask._compat import _format_output, _is_tuple, _run_forward, _select_targets
-from captum_gradmask._state import evaluation_mode
+from captum_gradmask._state import evaluation_mode, forward_hooks
 from captum_gradmask._validation import (
     check_batch_size,
     check_finite,
@@ -314,7 +313,8 @@ class IterativeUnveiling(Attribution):
             if not outputs_at_inputs and args and args[0] is inputs:
                 outputs_at_inputs.append(outputs.detach())
 
-        with _forward_hook(self.forward_func, keep_outputs_at_inputs):
+        is_module = isinstance(self.forward_func, torch.nn.Module)
+        with forward_hooks([(self.forward_func, keep_outputs_at_inputs)] if is_module else []):
             attribution = self._attribute(inputs, target, attribute_kwargs)
         return attribution, (outputs_at_inputs[0] if outputs_at_inputs else None)
 
@@ -386,19 +386,6 @@ def _takes_target(attribution_method: Attribution) -> bool:
     innermost = wrapper_chain(attribution_method)[-1]
     parameters = inspect.signature(innermost.attribute).parameters
     return "target" in parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values())
-
-
-@contextlib.contextmanager
-def _forward_hook(forward_func: object, hook: Callable) -> Iterator[None]:
-    """Register ``hook`` on ``forward_func`` if it is a module, and remove it on exit."""
-    if not isinstance(forward_func, torch.nn.Module):
-        yield
-        return
-    handle = forward_func.register_forward_hook(hook)
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _collect_result(
