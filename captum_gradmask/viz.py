@@ -1,9 +1,9 @@
 """Figures of attributions, uncertainty and masks over images (the ``viz`` extra).
 
 Images are (C, H, W) or volumes (C, D, H, W); volumes are shown by one slice along
-their last axis, the middle one unless ``slice_index`` says otherwise. Maps shown
-side by side share one colour scale, so that their values compare; signed maps use a
-diverging scale centred on 0.
+their last axis, the middle one unless ``slice_index`` says otherwise, or by a
+``montage`` of several slices. Maps shown side by side share one colour scale, so that
+their values compare; signed maps use a diverging scale centred on 0.
 
 Examples::
 
@@ -17,6 +17,7 @@ Examples::
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from torch import Tensor
 
 from captum_gradmask.datasets._common import import_optional
@@ -83,6 +84,7 @@ def map_grid(
     signed: bool = False,
     slice_index: Optional[int] = None,
     colour_bar_label: str = "",
+    column_titles: Optional[Sequence[str]] = None,
 ):
     """A figure: the first ``n_columns`` images in the top row, then one row per map
     (N, C, *spatial), each row on one colour scale with its colour bar; ``masks``
@@ -90,13 +92,14 @@ def map_grid(
     plt = import_optional("matplotlib.pyplot")
     shown = min(n_columns, len(images))
     figure, axes = plt.subplots(
-        len(maps) + 1, shown, figsize=(2.3 * shown + 1.0, 2.3 * (len(maps) + 1)), squeeze=False
+        len(maps) + 1, shown, figsize=(2.3 * shown + 1.0, 2.3 * (len(maps) + 1)), squeeze=False,
+        layout="constrained",
     )
     mask_list = [] if masks is None else [[m[k : k + 1] for k in range(m.shape[0])] for m in masks]
     for column in range(shown):
         panel_masks = mask_list[column] if mask_list else ()
-        show(axes[0, column], images[column], masks=panel_masks, slice_index=slice_index,
-             title="image" if column == 0 else None)
+        top_title = column_titles[column] if column_titles else ("image" if column == 0 else None)
+        show(axes[0, column], images[column], masks=panel_masks, slice_index=slice_index, title=top_title)
         for row, (name, values) in enumerate(maps.items(), start=1):
             scale = shared_scale([values[:shown]], signed)
             artist = show(axes[row, column], overlay=values[column], masks=panel_masks, scale=scale,
@@ -104,3 +107,41 @@ def map_grid(
             if column == shown - 1:
                 figure.colorbar(artist, ax=axes[row, :].tolist(), shrink=0.85, label=colour_bar_label)
     return figure
+
+
+def montage(
+    volume: Tensor,
+    maps: Dict[str, Tensor],
+    masks: Optional[Tensor] = None,
+    *,
+    slice_indices: Optional[Sequence[int]] = None,
+    n_slices: int = 5,
+    signed: bool = False,
+    colour_bar_label: str = "",
+):
+    """A figure of one volume (C, D, H, W) cut along its last axis at ``slice_indices``
+    (default: ``n_slices`` evenly spaced inside the volume): the volume in the top row,
+    then one row per map (C', D, H, W) on one colour scale, ``masks`` (K, D, H, W)
+    contoured. Returns the matplotlib Figure.
+
+    Example::
+
+        >>> figure = viz.montage(volume, {"|saliency|": saliency[0].abs()}, masks=lesion,
+        ...                      slice_indices=[10, 12, 14])
+    """
+    if volume.dim() != 4:
+        raise ValueError(f"volume: expected (C, D, H, W), got shape {tuple(volume.shape)}")
+    depth = volume.shape[-1]
+    if slice_indices is None:
+        slice_indices = np.linspace(0, depth - 1, n_slices + 2)[1:-1].round().astype(int).tolist()
+    if not all(0 <= index < depth for index in slice_indices):
+        raise ValueError(f"slice_indices: expected indices in [0, {depth}), got {list(slice_indices)}")
+
+    def cut(tensor: Tensor) -> Tensor:
+        return torch.stack([tensor[..., index] for index in slice_indices])
+
+    return map_grid(
+        cut(volume), {name: cut(values) for name, values in maps.items()},
+        None if masks is None else cut(masks), n_columns=len(slice_indices), signed=signed,
+        colour_bar_label=colour_bar_label, column_titles=[f"slice {index}" for index in slice_indices],
+    )

@@ -15,7 +15,9 @@ and a ``DataLoader`` that batches them as MetaTensors.
    per-voxel mutual information (epistemic) and expected entropy (aleatoric), once on
    whole volumes and once window by window (``mc_sliding_window_inference``), which
    agree where the window covers the volume.
-A figure of slices through a test lesion goes to ``outputs/monai_volumes.png``.
+A figure of slices through a test lesion goes to ``outputs/monai_volumes.png``, and a
+montage of both classifiers' saliency across slices (the confound's edge, then through
+the lesion) to ``outputs/monai_volumes_slices.png``.
 
     python examples/monai_volumes.py --quick
 """
@@ -168,6 +170,22 @@ def save_figure(path, volume, mask, saliencies, probability, mutual_information)
         figure.colorbar(artist, ax=axis, shrink=0.8)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def save_montage(path, volume, mask, saliencies):
+    """Saliency of both classifiers on one scale per row, at the slice that holds the
+    confound's line of dots (index 1) and at slices through the lesion."""
+    plt = import_optional("matplotlib.pyplot")
+    mask = mask.reshape(1, *mask.shape[-3:])
+    depth = mask.shape[-1]
+    at_lesion = mask.sum(dim=(0, 1, 2)).argmax().item()
+    step = max(1, depth // 12)
+    slices = sorted({1, *[min(max(at_lesion + k * step, 0), depth - 1) for k in (-1, 0, 1)]})
+    figure = viz.montage(volume[0], {f"|saliency|, {name}": s[0] for name, s in saliencies.items()},
+                         masks=mask, slice_indices=slices)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def main():
@@ -211,7 +229,9 @@ def main():
         saliencies[name] = gradient.abs()
     save_figure(pathlib.Path(args.out), volume, lesion_volume["mask"], saliencies,
                 maps.mean[:, 1], maps.mutual_information)
-    print(f"\nfigure: {args.out}    total {time.perf_counter() - start:.1f}s on {device}")
+    montage_path = pathlib.Path(args.out).with_name(pathlib.Path(args.out).stem + "_slices.png")
+    save_montage(montage_path, volume, lesion_volume["mask"], saliencies)
+    print(f"\nfigures: {args.out}, {montage_path}    total {time.perf_counter() - start:.1f}s on {device}")
 
 
 if __name__ == "__main__":

@@ -529,6 +529,12 @@ def mask_share_table(results, datasets, sizes, shares):
     return "\n".join(lines)
 
 
+def add_legend_below(figure, axes):
+    """One legend under the panels (where it hides no point), each label once."""
+    legend = {label: handle for axis in axes for handle, label in zip(*axis.get_legend_handles_labels())}
+    figure.legend(legend.values(), legend.keys(), loc="outside lower center", ncols=min(len(legend), 4), fontsize=8)
+
+
 def save_mask_share_figure(path, results, datasets, sizes, shares):
     """Test AUC of the recommended method against the share of images with a mask,
     one panel per data set, the baseline as a dashed line of the same colour."""
@@ -546,13 +552,14 @@ def save_mask_share_figure(path, results, datasets, sizes, shares):
                                  fmt="o-", capsize=3, label=f"{RECOMMENDED}, {n} training images")
             axis.axhline(values(results, dataset.name, n, "baseline").mean(), linestyle="--",
                          color=line[0].get_color(), linewidth=0.9, label=f"baseline, {n} training images")
+        axis.axhline(0.5, color="black", linewidth=0.5, label="chance (AUC 0.5)")
         axis.set_xscale("log")
         axis.set_xticks(all_shares, [f"{share:.0%}" for share in all_shares])
         axis.set_xlabel("training images that keep their mask")
         axis.set_ylabel("test AUC (mean ± SD over seeds)")
         axis.set_ylim(-0.05, 1.05)
         axis.set_title(dataset.name)
-        axis.legend(fontsize=7, loc="lower right")
+    add_legend_below(figure, axes[0])
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -630,13 +637,13 @@ def save_figure(path, results, datasets, sizes, methods):
                           fmt="o", capsize=3, label=f"{n} training images")
         if dataset.name == "crosses":
             axis.axhline(0.76, color="gray", linestyle="--", linewidth=0.8, label="published GradMask 0.76")
-        axis.axhline(0.5, color="black", linewidth=0.5)
+        axis.axhline(0.5, color="black", linewidth=0.5, label="chance (AUC 0.5)")
         axis.set_xticks(positions, [m.name.replace("GradMask ", "") for m in shown],
                         rotation=35, ha="right", fontsize=8)
         axis.set_ylim(-0.05, 1.05)
-        axis.set_ylabel("test AUC")
+        axis.set_ylabel("test AUC (mean ± SD over seeds)")
         axis.set_title(dataset.name)
-        axis.legend(fontsize=7, loc="best")
+    add_legend_below(figure, axes[0])
     figure.savefig(path, dpi=100)
     plt.close(figure)
 

@@ -49,3 +49,26 @@ def test_nan_is_transparent_and_left_out_of_the_scale():
     artist = viz.show(axis, torch.rand(1, 2, 2), overlay=order, scale=(0.5, 2.5), cmap="viridis")
     assert artist.get_cmap().name == "viridis"
     assert np.ma.getmaskarray(artist.get_array()).sum() == 2  # matplotlib masks NaN: transparent
+
+
+def test_montage_cuts_the_volume_at_each_slice():
+    volume = torch.rand(1, 6, 7, 9)
+    lesion = torch.zeros(1, 6, 7, 9, dtype=torch.bool)
+    lesion[0, 2:4, 2:5, 3:6] = True
+    saliency = torch.rand(1, 6, 7, 9)
+    figure = viz.montage(volume, {"|saliency|": saliency}, masks=lesion, slice_indices=[3, 5])
+    panels = [axis for axis in figure.axes if axis.get_label() != "<colorbar>"]
+    assert [axis.get_title(loc="left") for axis in panels[:2]] == ["slice 3", "slice 5"]
+    np.testing.assert_allclose(panels[3].images[-1].get_array(), saliency[0, :, :, 5].numpy())
+    low, high = panels[2].images[-1].get_clim()
+    assert high == pytest.approx(float(saliency[..., [3, 5]].max()))
+    assert all(len(axis.collections) > 0 for axis in panels)
+    default = viz.montage(volume, {}, n_slices=3)
+    assert [axis.get_title(loc="left") for axis in default.axes] == ["slice 2", "slice 4", "slice 6"]
+
+
+def test_montage_errors():
+    with pytest.raises(ValueError, match=r"volume: expected \(C, D, H, W\), got shape \(6, 7, 9\)"):
+        viz.montage(torch.rand(6, 7, 9), {})
+    with pytest.raises(ValueError, match=r"slice_indices: expected indices in \[0, 9\), got \[9\]"):
+        viz.montage(torch.rand(1, 6, 7, 9), {}, slice_indices=[9])
