@@ -140,12 +140,14 @@ def warn_if_finite_difference_is_inexact(modules: List[nn.Module], dtype: torch.
 
 
 def _value_and_direction(problem: SaliencyProblem, keep_graph: bool) -> Tuple[Tensor, Tensor, Tensor]:
-    """R at the exact g (no graph), v = dR/dg, and g."""
+    """R at the exact g, v = dR/dg, and g. R's graph holds only what R reads
+    besides g (a layer saliency's activations), so the directional derivative adds
+    the part through g."""
     (gradient,) = torch.autograd.grad(problem.objective_sum, problem.points, retain_graph=keep_graph)
-    gradient.requires_grad_()
-    value = problem.penalty_of(gradient)
-    (direction,) = torch.autograd.grad(value, gradient)
-    return value.detach(), direction, gradient.detach()
+    gradient = gradient.detach()
+    probe = gradient.clone().requires_grad_()
+    (direction,) = torch.autograd.grad(problem.penalty_of(probe), probe)
+    return problem.penalty_of(gradient), direction, gradient
 
 
 def _difference_quotient(

@@ -209,16 +209,16 @@ def reduce_examples(per_example: Tensor, example_weight: Tensor, reduction: str)
 
 def penalty_function(
     outside_lesion: Tensor,
-    scale: Optional[Tensor],
+    attribution_of: Callable[[Tensor], Tensor],
     example_weight: Tensor,
     norm: str,
     reduction: str,
 ) -> Callable[[Tensor], Tensor]:
-    """gradient d(sum_b s_b)/d(points) -> the scalar penalty."""
+    """gradient d(sum_b s_b)/d(points) -> the scalar penalty on the attribution map
+    ``attribution_of(gradient)`` (input-sized) outside the lesion."""
 
     def penalty_of(gradient: Tensor) -> Tensor:
-        attributions = gradient if scale is None else scale * gradient
-        per_example = per_example_norm(outside_lesion * attributions, norm)
+        per_example = per_example_norm(outside_lesion * attribution_of(gradient), norm)
         return reduce_examples(per_example, example_weight, reduction)
 
     return penalty_of

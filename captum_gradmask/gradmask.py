@@ -14,6 +14,7 @@ Saliency", MIDL 2019. For each example b with a mask:
 ``GradMaskOptions`` is the one list of options both take.
 """
 
+import contextlib
 import dataclasses
 import inspect
 from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -27,6 +28,12 @@ from captum_gradmask._directional import (
     SaliencyProblem,
     warn_if_finite_difference_is_inexact,
 )
+from captum_gradmask._layer_saliency import (
+    LAYER_SALIENCIES,
+    LayerTap,
+    check_layer_in_model,
+    layer_map_function,
+)
 from captum_gradmask._saliency_objective import (
     BaselinesLike,
     check_baselines,
@@ -39,6 +46,7 @@ from captum_gradmask._saliency_objective import (
 from captum_gradmask._state import (
     ModulesRun,
     ReplayableRandomState,
+    forward_hooks,
     initial_buffers_in_place,
     state_restored_on_error,
     training_batch_norms,
@@ -52,7 +60,7 @@ from captum_gradmask._validation import (
 )
 
 VARIANTS = ("contrast", "class", "target", "rrr")
-SALIENCIES = ("gradient", "input_x_gradient", "expected_gradients")
+SALIENCIES = ("gradient", "input_x_gradient", "expected_gradients", *LAYER_SALIENCIES)
 NORMS = ("sq_l2", "l2", "l1")
 REDUCTIONS = ("mean", "sum")
 
@@ -71,7 +79,13 @@ OPTIONS_DOC = """
             "expected_gradients" (the gradient at one uniform random point on the
             path from a reference x' to the input, times x - x'; Erion et al. 2021).
             Expected gradients also sees confounders the model answers with a
-            saturated, flat response, where the local gradient is ~0.
+            saturated, flat response, where the local gradient is ~0. At a layer
+            (``layer=``), so that the double backward stops there (cheaper on
+            volumes): "layer_gradient_x_activation" (sum over channels of
+            dS/dA * A, A the layer's output) or "layer_grad_cam" (sum over
+            channels of mean_spatial(dS/dA) * A: Grad-CAM without its ReLU); the
+            map is upsampled (bi/trilinearly) to the input and penalised outside
+            the lesion (any input channel's).
         norm (str): "sq_l2" (sum of squares: the authors' 2018-19 code), "l2"
             (sqrt(sum of squares + eps^2): the paper's eqs. 1-2) or "l1" (sum of
             absolute values: the authors' final code).
@@ -94,7 +108,9 @@ OPTIONS_DOC = """
             number, or a Tensor broadcastable to the inputs with batch dimension 1:
             that reference for every example. Reference images (M, C, *spatial),
             M > 1 (e.g. healthy scans): one drawn per example. Never the example
-            itself, so it works at batch size 1."""
+            itself, so it works at batch size 1.
+        layer (nn.Module): the module of the model whose output (N, K, *spatial)
+            the layer saliencies read; it must run once per forward pass."""
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -110,6 +126,7 @@ class GradMaskOptions:
     method: str = "exact"
     dilate: int = 0
     baselines: BaselinesLike = None
+    layer: Optional[nn.Module] = None
 
     @classmethod
     def from_keywords(cls, options: dict) -> "GradMaskOptions":
@@ -131,6 +148,16 @@ class GradMaskOptions:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if not is_int(self.dilate) or self.dilate < 0:
             raise ValueError(f"dilate must be an int >= 0, got {self.dilate!r}")
+        if self.saliency in LAYER_SALIENCIES and not isinstance(self.layer, nn.Module):
+            raise TypeError(
+                f"saliency={self.saliency!r} needs layer=, a module of the model (e.g. "
+                f"its last convolutional block), got {self.layer!r}"
+            )
+        if self.layer is not None and self.saliency not in LAYER_SALIENCIES:
+            raise ValueError(
+                f"layer is the layer of saliency {' or '.join(map(repr, LAYER_SALIENCIES))}; "
+                f"got saliency={self.saliency!r}"
+            )
         if self.baselines is not None and self.saliency != "expected_gradients":
             raise ValueError(
                 "baselines are the references of saliency='expected_gradients'; got "
@@ -221,6 +248,8 @@ def gradmask_penalty(
     _check_mask(mask, inputs)
     example_weight = _example_weight(has_mask, inputs)
     check_baselines(options.baselines, inputs)
+    if options.layer is not None:
+        check_layer_in_model(options.layer, forward_func)
     _check_method_runs_compiled_models([forward_func], options.method)
 
     lesion_region = dilate(mask.to(inputs.dtype), options.dilate)
@@ -249,38 +278,52 @@ def _outputs_and_penalty(
 ) -> GradMaskOutput:
     """The forward passes and the penalty of ``gradmask_penalty``, arguments checked."""
     leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_()
-    with run.recording(forward_func):
-        outputs = forward_func(leaf, *extra_args)
-    _check_method_runs_compiled_models(run.modules, options.method)
-    _warn_on_coupled_batch_norm(run.modules)
-    if options.method == "finite_difference":
-        warn_if_finite_difference_is_inexact(run.modules, inputs.dtype)
-    objective = saliency_objective(
-        outputs, inputs.shape[0], options.variant, options.target, options.contrast_target
-    )
-    rng.advance_past_first_pass()
+    tap = LayerTap(options.layer) if options.layer is not None else None
+    with forward_hooks([(tap.layer, tap.hook)] if tap else []):
+        with run.recording(forward_func):
+            outputs = forward_func(leaf, *extra_args)
+        _check_method_runs_compiled_models(run.modules, options.method)
+        _warn_on_coupled_batch_norm(run.modules)
+        if options.method == "finite_difference":
+            warn_if_finite_difference_is_inexact(run.modules, inputs.dtype)
+        objective = saliency_objective(
+            outputs, inputs.shape[0], options.variant, options.target, options.contrast_target
+        )
+        rng.advance_past_first_pass()
 
-    def objective_sum_at(points: Tensor) -> Tuple[Tensor, Tensor]:
-        with rng.replay(), initial_buffers_in_place(run):
-            outputs_at_points = forward_func(points, *extra_args)
-        return objective(outputs_at_points).sum(), outputs_at_points
+        def objective_sum_at(points: Tensor) -> Tuple[Tensor, Tensor]:
+            """S and the outputs with ``points`` as the inputs, or in place of the
+            layer's output."""
+            substitution = tap.substituting(points) if tap else contextlib.nullcontext()
+            with rng.replay(), initial_buffers_in_place(run), substitution:
+                outputs_at_points = forward_func(inputs.detach() if tap else points, *extra_args)
+            return objective(outputs_at_points).sum(), outputs_at_points
 
-    if options.saliency == "expected_gradients":
-        references = reference_inputs(inputs.detach(), options.baselines, lesion_region)
-        points, scale = path_points(inputs.detach(), references)
-        objective_sum, _ = objective_sum_at(points)
-    else:
-        points, objective_sum = leaf, objective(outputs).sum()
-        scale = inputs.detach() if options.saliency == "input_x_gradient" else None
+        outside_lesion = 1 - lesion_region
+        if tap:  # the layer's output stands for the points
+            points, objective_sum = tap.activation(inputs), objective(outputs).sum()
+            attribution_of = layer_map_function(options.saliency, points, inputs.shape[2:])
+            outside_lesion = 1 - lesion_region.amax(1, keepdim=True)
+        elif options.saliency == "expected_gradients":
+            references = reference_inputs(inputs.detach(), options.baselines, lesion_region)
+            points, difference = path_points(inputs.detach(), references)
+            objective_sum, _ = objective_sum_at(points)
+            attribution_of = difference.mul
+        else:
+            points, objective_sum = leaf, objective(outputs).sum()
+            attribution_of = inputs.detach().mul if options.saliency == "input_x_gradient" else _identity
 
-    penalty_of = penalty_function(
-        1 - lesion_region, scale, example_weight, options.norm, options.reduction
-    )
-    problem = SaliencyProblem(objective_sum_at, points, objective_sum, penalty_of, points is inputs)
-    penalty, outputs_at_points = METHODS[options.method](problem)
-    if outputs_at_points is not None and points is leaf:  # the same outputs, a newer graph
-        outputs = outputs_at_points
+        penalty_of = penalty_function(outside_lesion, attribution_of, example_weight, options.norm, options.reduction)
+        track_points = tap is not None or points is inputs
+        problem = SaliencyProblem(objective_sum_at, points, objective_sum, penalty_of, track_points)
+        penalty, outputs_at_points = METHODS[options.method](problem)
+    if outputs_at_points is not None and options.saliency != "expected_gradients":
+        outputs = outputs_at_points  # the same outputs, a newer graph
     return GradMaskOutput(outputs, penalty)
+
+
+def _identity(gradient: Tensor) -> Tensor:
+    return gradient
 
 
 class GradMask(nn.Module):
@@ -309,6 +352,8 @@ class GradMask(nn.Module):
         super().__init__()
         self.options = GradMaskOptions.from_keywords(options)
         _check_method_runs_compiled_models([model], self.options.method)
+        if self.options.layer is not None:
+            check_layer_in_model(self.options.layer, model)
         self.model = model
 
     def forward(
@@ -328,8 +373,10 @@ class GradMask(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        layer_names = {module: name for name, module in self.model.named_modules()}
         return ", ".join(
-            f"{field.name}={getattr(self.options, field.name)!r}"
+            f"layer={layer_names[self.options.layer]!r}" if field.name == "layer" and self.options.layer is not None
+            else f"{field.name}={getattr(self.options, field.name)!r}"
             for field in dataclasses.fields(self.options)
         )
 
