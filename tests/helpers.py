@@ -265,13 +265,19 @@ def dilate_reference(mask, radius):
 def reference_penalty(
     model, x, mask, has_mask=None, *, variant="contrast", target=1, contrast_target=0,
     saliency="gradient", norm="sq_l2", reduction="mean", dilate=0, baseline=None, alpha=None,
+    layer=None,
 ):
     """DESIGN.md section 3 written out by hand. It double-backprops sum_b s_b, which
-    gives d s_b / d x_b when examples do not interact (no BatchNorm in training)."""
+    gives d s_b / d x_b when examples do not interact (no BatchNorm in training).
+    Layer saliencies: the map at ``layer``'s output, upsampled to the input."""
     x = x.detach()
     point = x if baseline is None else baseline + alpha * (x - baseline)
     point = point.clone().requires_grad_()
+    layer_outputs = []
+    handle = layer.register_forward_hook(lambda module, args, output: layer_outputs.append(output)) if layer else None
     logits = model(point)
+    if handle:
+        handle.remove()
     rows = torch.arange(len(x), device=x.device)
     labels = torch.as_tensor(target, device=x.device).expand(len(x))
     if variant == "rrr":  # sum_k log p_k, log p_k = z_k - log sum_j exp z_j
@@ -280,7 +286,11 @@ def reference_penalty(
         s = logits[rows, labels]
     if variant == "contrast":
         s = (s - logits[:, contrast_target]).abs()
-    (gradient,) = torch.autograd.grad(s.sum(), point, create_graph=True)
+    if layer is not None:
+        gradient = reference_layer_map(s.sum(), layer_outputs[0], saliency, x.shape[2:])
+        mask = mask.amax(1, keepdim=True)  # a lesion in any channel
+    else:
+        (gradient,) = torch.autograd.grad(s.sum(), point, create_graph=True)
     if saliency == "input_x_gradient":
         gradient = x * gradient
     elif saliency == "expected_gradients":
@@ -297,6 +307,19 @@ def reference_penalty(
     if reduction == "sum" or len(per_example) == 0:
         return per_example.sum()
     return per_example.mean()
+
+
+def reference_layer_map(objective, activation, saliency, input_size):
+    """Grad-CAM (channel weights: the spatial mean of the gradient) or gradient x
+    activation, summed over channels, no ReLU, upsampled linearly to the input."""
+    (gradient,) = torch.autograd.grad(objective, activation, create_graph=True)
+    if saliency == "layer_grad_cam":
+        weights = gradient.flatten(2).mean(2)
+        layer_map = torch.einsum("nk,nk...->n...", weights, activation)[:, None]
+    else:
+        layer_map = (gradient * activation).sum(1, keepdim=True)
+    mode = {1: "linear", 2: "bilinear", 3: "trilinear"}[len(input_size)]
+    return F.interpolate(layer_map, size=tuple(input_size), mode=mode, align_corners=False)
 
 
 def path_draws(model, x, mask, seed, dilate=0):
