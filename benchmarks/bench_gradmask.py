@@ -1,6 +1,6 @@
 """Training-step time and peak memory of GradMask against a hand-written penalty.
 
-One training step (forward, loss, backward, optimizer step) of six losses:
+One training step (forward, loss, backward, optimizer step) of nine losses:
 
     ce          plain cross-entropy
     hand        cross-entropy + a double-backprop GradMask penalty written by hand
@@ -9,11 +9,16 @@ One training step (forward, loss, backward, optimizer step) of six losses:
     forward     cross-entropy + GradMask(model, method="forward_mode")
     finite_diff cross-entropy + GradMask(model, method="finite_difference")
     expected_gr cross-entropy + GradMask(model, saliency="expected_gradients")
+    gxa mid     cross-entropy + GradMask(model, saliency="layer_gradient_x_activation",
+                layer=a middle layer: 1/8 of the input's side on the big networks)
+    gxa last    the same at the last layer before global pooling (1/32)
+    cam last    saliency="layer_grad_cam" at the last layer
 
 on a small GroupNorm CNN (2-D 1x48x48, batch 32, and 3-D 1x32^3, batch 4), and at
 the sizes of MONAI's networks, in training mode (BatchNorm with batch statistics):
 DenseNet121 2-D (1x128x128, batch 4) and ResNet-18 3-D (1x64^3, batch 2), built in
-benchmarks/_networks.py. Steps run in turn within each repeat, so load from other
+benchmarks/_networks.py, and MONAI's own DenseNet121 3-D (1x64^3, batch 2; when
+MONAI is installed). Steps run in turn within each repeat, so load from other
 processes hits them alike; medians after one warm-up round. Peak memory of one
 step: on CUDA the allocator peak above what was live before the step; on CPU the
 peak of the tensor memory allocated during the step and not yet freed, a running
@@ -22,8 +27,9 @@ are printed against the hand-written step and against plain cross-entropy. Last,
 finite_difference and plain cross-entropy on a torch.compile'd small CNN: compile
 time, step times against eager, and the penalty.
 
-    python benchmarks/bench_gradmask.py           # about 6 min on 2 idle CPU cores
+    python benchmarks/bench_gradmask.py           # about 15 min on 2 idle CPU cores
     python benchmarks/bench_gradmask.py --quick   # small 2-D CNN only, under a minute
+    python benchmarks/bench_gradmask.py --models "ResNet-18 3-D"
 
 One CPU thread by default (--threads): on a CPU shared with other jobs, with two
 threads every operation waits for both and a busy core stalls it; measured here,
@@ -44,7 +50,7 @@ from _measure import interleaved_medians, peak_memory_mib, synchronize
 from _networks import densenet, resnet
 
 PENALTY_WEIGHT = 10.0
-LOSSES = ["ce", "hand", "exact", "forward", "finite_diff", "expected_gr"]
+LOSSES = ["ce", "hand", "exact", "forward", "finite_diff", "expected_gr", "gxa mid", "gxa last", "cam last"]
 
 
 # --- models ---
@@ -66,12 +72,25 @@ def small_cnn(dims):
     )
 
 
-# name: (model, input shape of one example, batch size, default repeats)
+def monai_densenet121_3d():
+    from monai.networks import nets  # an optional extra
+
+    return nets.DenseNet121(spatial_dims=3, in_channels=1, out_channels=2)
+
+
+# name: (model, input shape of one example, batch size, default repeats,
+#        model -> (middle layer, last layer before global pooling))
 MODELS = {
-    "small CNN 2-D": (lambda: small_cnn(2), (1, 48, 48), 32, 30),
-    "small CNN 3-D": (lambda: small_cnn(3), (1, 32, 32, 32), 4, 30),
-    "DenseNet121 2-D": (lambda: densenet(2), (1, 128, 128), 4, 5),
-    "ResNet-18 3-D": (lambda: resnet(3), (1, 64, 64, 64), 2, 5),
+    "small CNN 2-D": (lambda: small_cnn(2), (1, 48, 48), 32, 30, lambda m: (m[6], m[-4])),
+    "small CNN 3-D": (lambda: small_cnn(3), (1, 32, 32, 32), 4, 30, lambda m: (m[6], m[-4])),
+    # DenseNet: the end of dense block 2 (1/8) and the last ReLU (1/32)
+    "DenseNet121 2-D": (lambda: densenet(2), (1, 128, 128), 4, 5, lambda m: (m[25], m[-4])),
+    # ResNet-18: the end of stage 2 (1/8) and of stage 4 (1/32)
+    "ResNet-18 3-D": (lambda: resnet(3), (1, 64, 64, 64), 2, 5, lambda m: (m[7], m[11])),
+    "MONAI DenseNet121 3-D": (
+        monai_densenet121_3d, (1, 64, 64, 64), 2, 5,
+        lambda m: (m.features.denseblock2, m.class_layers.relu),
+    ),
 }
 
 
@@ -106,13 +125,17 @@ def gradmask_loss(gradmask, images, labels, mask):
     return F.cross_entropy(outputs, labels) + PENALTY_WEIGHT * penalty
 
 
-def loss_functions(model):
+def loss_functions(model, middle_layer, last_layer):
     """name -> (images, labels, mask) -> loss, for the names in LOSSES."""
+    gradient_x_activation = "layer_gradient_x_activation"
     ours = {
         "exact": GradMask(model, method="exact"),
         "forward": GradMask(model, method="forward_mode"),
         "finite_diff": GradMask(model, method="finite_difference"),
         "expected_gr": GradMask(model, saliency="expected_gradients"),
+        "gxa mid": GradMask(model, saliency=gradient_x_activation, layer=middle_layer),
+        "gxa last": GradMask(model, saliency=gradient_x_activation, layer=last_layer),
+        "cam last": GradMask(model, saliency="layer_grad_cam", layer=last_layer),
     }
     functions = {
         "ce": lambda images, labels, mask: F.cross_entropy(model(images), labels),
@@ -141,20 +164,34 @@ def milliseconds(seconds_by_name):
     return {name: 1e3 * seconds for name, seconds in seconds_by_name.items()}
 
 
+def output_side(model, layer, images):
+    """The spatial shape of ``layer``'s output, as "16x16"."""
+    shapes = []
+    handle = layer.register_forward_hook(lambda module, args, output: shapes.append(output.shape[2:]))
+    with torch.no_grad():
+        model(images)
+    handle.remove()
+    return "x".join(map(str, shapes[0]))
+
+
 def benchmark_model(name, device, repeats):
-    build, shape, batch_size, default_repeats = MODELS[name]
+    build, shape, batch_size, default_repeats, layers_of = MODELS[name]
     repeats = repeats or default_repeats
     torch.manual_seed(0)
     model = build().to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)
+    # lr 0: the optimizer step runs, the weights stay, so every loss is timed at the
+    # same weights (random data would otherwise drive them to overflow).
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     batch = make_batch(shape, batch_size, device)
+    middle_layer, last_layer = layers_of(model)
     steps = {
         loss: training_step(function, optimizer, batch)
-        for loss, function in loss_functions(model).items()
+        for loss, function in loss_functions(model, middle_layer, last_layer).items()
     }
     times = milliseconds(interleaved_medians(steps, repeats, device))
     memory = {loss: peak_memory_mib(step, device) for loss, step in steps.items()}
-    print(f"\n{name}: {batch_size} x {'x'.join(map(str, shape))}, median of {repeats}")
+    print(f"\n{name}: {batch_size} x {'x'.join(map(str, shape))}, median of {repeats}; layer maps: "
+          f"mid {output_side(model, middle_layer, batch[0])}, last {output_side(model, last_layer, batch[0])}")
     print(
         f"{'loss':<12} {'step (ms)':>10} {'vs hand':>8} {'vs ce':>7} "
         f"{'peak (MiB)':>11} {'vs hand':>8} {'vs ce':>7}"
@@ -182,7 +219,7 @@ def benchmark_compiled(device, repeats):
     """finite_difference and plain cross-entropy with a torch.compile'd small CNN,
     against the eager model: the compiled/eager ratio of plain cross-entropy shows
     what compilation itself gains or loses on this device."""
-    _, shape, batch_size, default_repeats = MODELS["small CNN 2-D"]
+    _, shape, batch_size, default_repeats, _ = MODELS["small CNN 2-D"]
     repeats = repeats or default_repeats
     torch.manual_seed(0)
     model = small_cnn(2).to(device)
@@ -225,11 +262,13 @@ def main():
     parser.add_argument("--repeats", type=int, default=None, help="default: per model, 8 to 30")
     parser.add_argument("--quick", action="store_true", help="small 2-D CNN only, 5 repeats")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=None, metavar="NAME",
+                        help=f"only these models (default: all): {list(MODELS)}")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     repeats = args.repeats or (5 if args.quick else None)
-    names = ["small CNN 2-D"] if args.quick else list(MODELS)
+    names = args.models or (["small CNN 2-D"] if args.quick else list(MODELS))
     print(f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, penalty weight {PENALTY_WEIGHT}")
     # Known here: the models train in training mode (BatchNorm's batch statistics)
     # and finite_difference is inexact on ReLU nets (accuracy_gradmask_methods.py).
@@ -238,7 +277,10 @@ def main():
     check_same_penalty(device)
     print("penalty of every method = hand-written (rtol 1e-5)")
     for name in names:
-        benchmark_model(name, device, repeats)
+        try:
+            benchmark_model(name, device, repeats)
+        except ImportError as error:  # MONAI is an optional extra
+            print(f"\n{name}: skipped ({error})")
     benchmark_compiled(device, repeats)
 
 

@@ -67,6 +67,7 @@ class Setting(NamedTuple):
     saliency: Optional[str]  # None: cross-entropy only
     weight: float  # lambda, the penalty weight, fixed for all seeds and artifacts
     healthy_references: bool = False  # expected gradients from healthy training images
+    layer: Optional[int] = None  # layer saliencies: the index of the layer in small_cnn
 
 
 SETTINGS = [
@@ -94,7 +95,8 @@ def make_gradmask(setting, model, data):
     if setting.saliency is None:
         return None
     references = data.images[data.labels == 0] if setting.healthy_references else None
-    return GradMask(model, saliency=setting.saliency, dilate=DILATE, baselines=references)
+    layer = None if setting.layer is None else model[setting.layer]
+    return GradMask(model, saliency=setting.saliency, dilate=DILATE, baselines=references, layer=layer)
 
 
 def train(setting, data, n_steps, seed, device):

@@ -88,3 +88,12 @@ def test_merged_runs_describe_each_distinct_protocol_once():
     assert merged_protocol(["20 seeds, [64]", "20 seeds, [64]", "20 seeds, [128]"]) == (
         "3 runs merged: 20 seeds, [64]; 20 seeds, [128]"
     )
+
+
+def test_layer_saliencies_read_the_last_convolutional_block():
+    from examples.reproduce_table import DATASETS
+
+    for dataset in DATASETS:
+        model = dataset.model()
+        assert isinstance(model[dataset.layer], torch.nn.ReLU)
+        assert not any(isinstance(m, torch.nn.Conv2d) for m in model[dataset.layer + 1:])
