@@ -62,8 +62,11 @@ def peak_memory_mib(call, device) -> float:
         call()
         synchronize(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        call()
+    # Profiled twice, the second run kept: a process's first profiled call records
+    # one-off allocations (measured: 18 MiB against 10 MiB for a small ResNet step).
+    for _ in range(2):
+        with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            call()
     with tempfile.NamedTemporaryFile(suffix=".json") as trace_file:
         profiler.export_chrome_trace(trace_file.name)
         with open(trace_file.name) as trace:

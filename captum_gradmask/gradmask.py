@@ -6,7 +6,10 @@ Saliency", MIDL 2019. For each example b with a mask:
     s_b  = |z_t - z_c|  (variant "contrast"),  z_t  ("class"),  z_{y_b}  ("target"),
            sum_k log softmax(z_b)_k  ("rrr", Ross et al. 2017)
     a_b  = d s_b / d x_b, times x_b ("input_x_gradient") or times x_b - x'_b at a
-           random point of the path x'_b -> x_b ("expected_gradients")
+           random point of the path x'_b -> x_b ("expected_gradients"); or a map at
+           a layer with output A_b, upsampled to the input: sum_k dS/dA_bk * A_bk
+           ("layer_gradient_x_activation") or sum_k mean(dS/dA_bk) * A_bk
+           ("layer_grad_cam"), whose double backward stops at the layer
     R_b  = norm((1 - dilate(m_b)) * a_b)
     penalty = mean (or sum) of R_b over the examples that have a mask.
 
@@ -85,7 +88,8 @@ OPTIONS_DOC = """
             dS/dA * A, A the layer's output) or "layer_grad_cam" (sum over
             channels of mean_spatial(dS/dA) * A: Grad-CAM without its ReLU); the
             map is upsampled (bi/trilinearly) to the input and penalised outside
-            the lesion (any input channel's).
+            the lesion (any input channel's). With them "exact" is the cheapest
+            method: "forward_mode" and "finite_difference" run the forward again.
         norm (str): "sq_l2" (sum of squares: the authors' 2018-19 code), "l2"
             (sqrt(sum of squares + eps^2): the paper's eqs. 1-2) or "l1" (sum of
             absolute values: the authors' final code).
