@@ -119,7 +119,17 @@ OPTIONS_DOC = """
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class GradMaskOptions:
-    """The options of ``gradmask_penalty`` and ``GradMask``, checked when built."""
+    """The options of ``gradmask_penalty`` and ``GradMask``, checked when built.
+
+    Args:
+{options}
+
+    Examples::
+
+        >>> options = GradMaskOptions(norm="l1", dilate=2)
+        >>> options.replace(method="forward_mode").method
+        'forward_mode'
+    """
 
     variant: str = "contrast"
     target: Optional[TargetLike] = 1
@@ -287,7 +297,7 @@ def _outputs_and_penalty(
         with run.recording(forward_func):
             outputs = forward_func(leaf, *extra_args)
         _check_method_runs_compiled_models(run.modules, options.method)
-        _warn_on_coupled_batch_norm(run.modules)
+        _warn_on_coupled_batch_norm(run.modules, inputs.shape[0])
         if options.method == "finite_difference":
             warn_if_finite_difference_is_inexact(run.modules, inputs.dtype)
         objective = saliency_objective(
@@ -338,7 +348,7 @@ class GradMask(nn.Module):
     :func:`gradmask_penalty`.
 
     Args:
-        model (nn.Module): the classifier; returns logits (N, C).
+        model (nn.Module or callable): the classifier; returns logits (N, C).
 {options}
 
     Examples::
@@ -368,8 +378,20 @@ class GradMask(nn.Module):
         additional_forward_args: Optional[object] = None,
         target: Optional[TargetLike] = None,
     ) -> GradMaskOutput:
-        """``target`` overrides the configured target for this call: per-example
-        labels (N,) for the "target" variant."""
+        """The model's outputs at ``inputs`` and the penalty, as
+        :func:`gradmask_penalty` with this module's options.
+
+        Args:
+            inputs (Tensor): float inputs (N, C_in, *spatial), 1 to 3 spatial dims.
+            mask (Tensor): lesion masks (N, 1 or C_in, *spatial), bool, 0/1 or
+                float in [0, 1] (1 = lesion).
+            has_mask (Tensor, optional): bool or 0/1 (N,); examples without a mask
+                get no penalty. Default: every example has one.
+            additional_forward_args (Any, optional): passed to the model after the
+                inputs, as in Captum.
+            target (int, list or Tensor, optional): overrides the configured target
+                for this call, e.g. per-example labels (N,) for the "target" variant.
+        """
         options = self.options if target is None else self.options.replace(target=target)
         return gradmask_penalty(
             self.model, inputs, mask, has_mask, additional_forward_args,
@@ -385,7 +407,8 @@ class GradMask(nn.Module):
         )
 
 
-GradMask.__doc__ = GradMask.__doc__.replace("{options}", OPTIONS_DOC.strip("\n"))
+for _documented in (GradMask, GradMaskOptions):
+    _documented.__doc__ = _documented.__doc__.replace("{options}", OPTIONS_DOC.strip("\n"))
 
 
 # --- argument checks ---
@@ -448,8 +471,8 @@ def _check_method_runs_compiled_models(modules: List[nn.Module], method: str) ->
         )
 
 
-def _warn_on_coupled_batch_norm(modules: List[nn.Module]) -> None:
-    if training_batch_norms(modules):
+def _warn_on_coupled_batch_norm(modules: List[nn.Module], batch_size: int) -> None:
+    if batch_size > 1 and training_batch_norms(modules):
         warn_at_caller(
             "BatchNorm in training mode couples the examples of a batch: the GradMask "
             "saliency is d(sum_b s_b)/dx_b, not the per-example d s_b/dx_b. Use "

@@ -779,7 +779,7 @@ def write_outputs(out_dir, results, datasets, sizes, methods, shares, protocol, 
         save_mask_share_figure(out_dir / "results_masks.png", results, datasets, sizes, shares)
         print(mask_share_table(results, datasets, sizes, shares))
     print(table(results, datasets, sizes, methods))
-    print(f"\n{out_dir / 'results.md'}, {out_dir / 'results.png'}   total time {elapsed:.1f} s")
+    print(f"\n{out_dir / 'results.md'}, {out_dir / 'results.png'}   (training took {elapsed / 60:.1f} min)")
 
 
 if __name__ == "__main__":

@@ -187,15 +187,15 @@ def run_artifact(artifact, seeds, n_steps, n_test, device):
     return aucs, effects, first_models, test_set
 
 
-def print_table(results, n_seeds):
+def print_table(results, n_seeds, settings=SETTINGS):
     print(f"\ntest AUC (artifact independent of the label at test), and the artifact effect: the "
           f"shift of z_1 - z_0 when the\nartifact is drawn in, over the shift a lesion makes (0: "
           f"ignored, 1: read like a lesion); mean +- SD over {n_seeds} seeds")
     print(f"{'artifact':8s}  {'setting':38s}{'lambda':>7s}  {'test AUC':>15s}  {'vs baseline':>11s}"
           f"  {'artifact effect':>15s}")
     for artifact, (aucs, effects) in results.items():
-        baseline = torch.tensor(aucs[SETTINGS[0].name]).mean()
-        for setting in SETTINGS:
+        baseline = torch.tensor(aucs[settings[0].name]).mean()
+        for setting in settings:
             values, effect = torch.tensor(aucs[setting.name]), torch.tensor(effects[setting.name])
             print(f"{artifact:8s}  {setting.name:38s}{setting.weight:7.1f}  "
                   f"{values.mean():7.3f} +- {_sd(values):5.3f}  {values.mean() - baseline:+11.3f}"

@@ -45,7 +45,9 @@ from train_gradmask import (
     SETTINGS as MAIN_SETTINGS,
     TEST_CONFOUND,
     TRAIN_CONFOUND,
+    artifact_effect,
     make_gradmask,
+    print_table,
     save_figure,
     small_cnn,
     test_auc,
@@ -91,9 +93,11 @@ def train(setting, train_set, n_epochs, seed, device):
 
 
 def run_experiment(artifact, seeds, n_epochs, n_test, device):
-    """Train every setting for every seed on all ranks; on rank 0, the test AUC per
-    setting and seed, the first seed's models and test set (for the figure)."""
+    """Train every setting for every seed on all ranks; on rank 0, the test AUC and
+    artifact effect per setting and seed, the first seed's models and test set (for
+    the figure)."""
     aucs = {setting.name: [] for setting in SETTINGS}
+    effects = {setting.name: [] for setting in SETTINGS}
     first_models, first_test_set = {}, None
     for seed in seeds:
         train_set = confounded_lesions(N_TRAIN, artifact=artifact, confound=TRAIN_CONFOUND,
@@ -106,20 +110,9 @@ def run_experiment(artifact, seeds, n_epochs, n_test, device):
             model = train(setting, train_set, n_epochs, seed, device)
             if dist.get_rank() == 0:
                 aucs[setting.name].append(test_auc(model, test_set))
+                effects[setting.name].append(artifact_effect(model, test_set, artifact))
                 first_models.setdefault(setting.name, model)
-    return aucs, first_models, first_test_set
-
-
-def print_table(artifact, aucs, n_seeds):
-    print(f"\ntest AUC, mean +- SD over {n_seeds} seeds, artifact '{artifact}' "
-          "independent of the label at test")
-    print(f"{'setting':30s}{'lambda':>7s}  {'test AUC':>15s}  {'vs baseline':>11s}")
-    baseline = torch.tensor(aucs[SETTINGS[0].name]).mean()
-    for setting in SETTINGS:
-        values = torch.tensor(aucs[setting.name])
-        spread = values.std() if len(values) > 1 else torch.tensor(0.0)
-        print(f"{setting.name:30s}{setting.weight:7.1f}  "
-              f"{values.mean():7.3f} +- {spread:5.3f}  {values.mean() - baseline:+11.3f}")
+    return aucs, effects, first_models, first_test_set
 
 
 def main():
@@ -144,13 +137,13 @@ def main():
     n_seeds = args.seeds or (3 if args.quick else 8)
     n_epochs = 10 if args.quick else 19  # ~150 or ~300 steps of 32, as train_gradmask.py
     n_test = 400 if args.quick else 1000
-    aucs, first_models, first_test_set = run_experiment(
+    aucs, effects, first_models, first_test_set = run_experiment(
         args.artifact, range(n_seeds), n_epochs, n_test, device
     )
     if dist.get_rank() == 0:
         print(f"{dist.get_world_size()} ranks ({dist.get_backend()}); {N_TRAIN} training images, "
               f"{n_epochs} epochs of global batch {BATCH_SIZE}")
-        print_table(args.artifact, aucs, n_seeds)
+        print_table({args.artifact: (aucs, effects)}, n_seeds, SETTINGS)
         out = pathlib.Path(args.out)
         save_figure(out, {args.artifact: (first_models, first_test_set)})
         print(f"\nfigure: {out}   total time {time.perf_counter() - start:.1f} s")

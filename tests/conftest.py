@@ -24,6 +24,9 @@ def pytest_addoption(parser):
 
 
 def pytest_configure(config):
+    requested = config.getoption("--device") or []
+    if any(torch.device(d).type == "cuda" for d in requested) and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {' '.join(requested)}: this torch has no CUDA device")
     config.addinivalue_line("markers", "slow: long experiment, run with --runslow")
 
 

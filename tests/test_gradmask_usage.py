@@ -415,3 +415,13 @@ def test_reference_images_sliced_from_the_tensor_of_the_inputs_are_taken():
     mask = torch.zeros(2, 1, 6, 6, dtype=torch.float64)
     penalty = gradmask_penalty(model, x, mask, saliency="expected_gradients", baselines=references).penalty
     assert penalty > 0
+
+
+def test_batch_norm_in_training_mode_warns_only_when_it_couples_examples():
+    model = batchnorm_cnn(2, 1, 2, width=4).train()
+    x, mask = torch.randn(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one example: nothing to couple
+        gradmask_penalty(model, x[:1], mask[:1])
+    with pytest.warns(UserWarning, match="BatchNorm in training mode couples the examples of a batch"):
+        gradmask_penalty(model, x, mask)
