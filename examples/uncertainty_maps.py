@@ -164,10 +164,13 @@ def print_table(rows):
 def save_figure(test_sets, maps, saliency, out):
     """Rows: the test sets; columns: the image and five maps, each map column on one
     colour scale across the test sets (so a shift's higher uncertainty shows), with its
-    colour bar."""
-    columns = ["image", "P(vessel), mean", "epistemic: MI", "aleatoric: E[H]"]
-    columns += ["saliency mean", "saliency spread"]
-    rows = {}
+    labelled colour bar; the image's lesions contoured on the saliency maps."""
+    columns = [
+        ("image", ""), ("U-Net: P(vessel), mean over T", "probability"),
+        ("epistemic: mutual information", "nats"), ("aleatoric: expected entropy", "nats"),
+        ("classifier |Saliency|, mean over T", "|gradient|"), ("classifier |Saliency|, SD over T", "|gradient|"),
+    ]
+    rows, lesions = {}, {}
     for name, test_set in test_sets.items():
         index = int(test_set.labels.argmax())  # the first image with lesions
         image = test_set.images[index : index + 1]
@@ -175,17 +178,23 @@ def save_figure(test_sets, maps, saliency, out):
         uncertainty = maps[name]
         rows[name] = [image[0], uncertainty.mean[index, 1:2], uncertainty.mutual_information[index : index + 1],
                       uncertainty.expected_entropy[index : index + 1], mean[0], spread[0]]
-    figure, axes = plt.subplots(len(rows), len(columns), figsize=(17, 2.7 * len(rows)), squeeze=False)
-    for column, title in enumerate(columns):
+        lesions[name] = test_set.lesions[index]
+    figure, axes = plt.subplots(len(rows), len(columns), figsize=(17, 2.7 * len(rows)), squeeze=False,
+                                layout="constrained")
+    figure.suptitle(f"T = {saliency.mc_model.n_samples} dropout sub-networks; lime contour: the image's lesions",
+                    fontsize=9)
+    for column, (title, unit) in enumerate(columns):
         panels = [row[column] for row in rows.values()]
         scale = viz.shared_scale(panels, signed=False)
-        for row, panel in enumerate(panels):
+        for row, (name, panel) in enumerate(zip(rows, panels)):
             if column == 0:
-                artist = viz.show(axes[row, 0], image=panel, title=list(rows)[row])
+                artist = viz.show(axes[row, 0], image=panel, title=name)
             else:
-                artist = viz.show(axes[row, column], overlay=panel, scale=scale, title=title if row == 0 else None)
+                contours = [lesions[name]] if column >= 4 else []
+                artist = viz.show(axes[row, column], overlay=panel, masks=contours, scale=scale,
+                                  title=title if row == 0 else None)
         if column > 0:
-            figure.colorbar(artist, ax=axes[:, column].tolist(), shrink=0.7)
+            figure.colorbar(artist, ax=axes[:, column].tolist(), shrink=0.7, label=unit)
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
