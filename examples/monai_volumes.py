@@ -157,17 +157,18 @@ def save_figure(path, volume, mask, saliencies, probability, mutual_information)
     plt = import_optional("matplotlib.pyplot")
     at_lesion = mask.reshape(mask.shape[-3:]).sum(dim=(0, 1)).argmax().item()
     volume, mask = volume[0], mask.reshape(1, *mask.shape[-3:])
-    figure, axes = plt.subplots(1, 5, figsize=(16, 3.2))
-    viz.show(axes[0], volume, masks=[mask], slice_index=at_lesion, title="volume, lesion contoured")
+    figure, axes = plt.subplots(1, 5, figsize=(17, 3.6), layout="constrained")
+    figure.suptitle(f"slice {at_lesion} through a test lesion (lime contour)", fontsize=9)
+    viz.show(axes[0], volume, masks=[mask], slice_index=at_lesion, title="volume")
     scale = viz.shared_scale([s[:, ..., at_lesion] for s in saliencies.values()], signed=False)
     for axis, (name, saliency) in zip(axes[1:3], saliencies.items()):
         artist = viz.show(axis, overlay=saliency[0], masks=[mask], scale=scale, slice_index=at_lesion,
-                          title=f"|saliency|, {name}")
-    figure.colorbar(artist, ax=axes[1:3].tolist(), shrink=0.8)
-    for axis, (name, values) in zip(axes[3:], [("UNet: mean p(lesion)", probability),
-                                               ("UNet: mutual information", mutual_information)]):
+                          title=f"|saliency|,\n{name}")
+    figure.colorbar(artist, ax=axes[1:3].tolist(), shrink=0.8, label="|d(z_1 - z_0)/dx|")
+    for axis, (name, values, unit) in zip(axes[3:], [("UNet: mean p(lesion)", probability, "probability"),
+                                                     ("UNet: mutual information", mutual_information, "nats")]):
         artist = viz.show(axis, overlay=values, masks=[mask], slice_index=at_lesion, title=name)
-        figure.colorbar(artist, ax=axis, shrink=0.8)
+        figure.colorbar(artist, ax=axis, shrink=0.8, label=unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -182,8 +183,12 @@ def save_montage(path, volume, mask, saliencies):
     at_lesion = mask.sum(dim=(0, 1, 2)).argmax().item()
     step = max(1, depth // 12)
     slices = sorted({1, *[min(max(at_lesion + k * step, 0), depth - 1) for k in (-1, 0, 1)]})
-    figure = viz.montage(volume[0], {f"|saliency|, {name}": s[0] for name, s in saliencies.items()},
-                         masks=mask, slice_indices=slices)
+    confound = add_confound(torch.zeros_like(mask)).bool().to(mask.device)
+    figure = viz.montage(volume[0].cpu(), {f"|saliency|, {name}": s[0].cpu() for name, s in saliencies.items()},
+                         masks=torch.cat([mask, confound]).cpu(), slice_indices=slices,
+                         colour_bar_label="|d(z_1 - z_0)/dx|")
+    figure.suptitle("lime contour: the lesion; orange: the confound's dots (slice 1); one colour scale per row",
+                    fontsize=9)
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
