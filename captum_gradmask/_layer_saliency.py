@@ -47,6 +47,8 @@ class LayerTap:
         self._substitute: Optional[Tensor] = None
 
     def hook(self, module: nn.Module, args: object, output: object) -> Optional[Tensor]:
+        if isinstance(output, Tensor) and self._substitute is None and not output.requires_grad:
+            output = output.detach().requires_grad_()  # nothing below the layer trains
         self.outputs.append(output)
         if not isinstance(output, Tensor):  # refused by activation(), after the pass
             return None
@@ -84,8 +86,6 @@ class LayerTap:
                 f"{inputs.dim() - 2} spatial dims, got shape {tuple(output.shape)}; pick a "
                 "convolutional layer (before global pooling)"
             )
-        if not output.requires_grad:
-            raise ValueError(f"layer {name}'s output does not depend on the inputs")
         return output
 
 

@@ -291,8 +291,10 @@ def _outputs_and_penalty(
     options: GradMaskOptions,
 ) -> GradMaskOutput:
     """The forward passes and the penalty of ``gradmask_penalty``, arguments checked."""
-    leaf = inputs if inputs.requires_grad else inputs.detach().requires_grad_()
     tap = LayerTap(options.layer) if options.layer is not None else None
+    # A layer saliency needs no input gradient: its backward stops at the first layer
+    # that trains (a third of a 3-D ResNet's backward is the first convolution's).
+    leaf = inputs if inputs.requires_grad or tap else inputs.detach().requires_grad_()
     with forward_hooks([(tap.layer, tap.hook)] if tap else []):
         with run.recording(forward_func):
             outputs = forward_func(leaf, *extra_args)

@@ -219,3 +219,21 @@ def test_a_layer_with_a_tuple_output_is_refused():
     x = torch.randn(2, 2, 6, 6)
     with pytest.raises(TypeError, match=r"layer TwoOutputs must output a Tensor \(N=2, K, \*, \*\), got a tuple"):
         gradmask_penalty(model, x, torch.zeros_like(x), saliency="layer_grad_cam", layer=model.block)
+
+
+def test_a_frozen_network_below_the_layer(device):
+    """Only the layers above train (a frozen backbone): the map starts at the layer."""
+    model, x, mask = network_and_batch("relu_maxpool", 2, 2, device)
+    model = model.double()
+    x, mask = x.double(), mask.double()
+    reference_value, reference_gradients = reference(model, x, mask, saliency="layer_gradient_x_activation")
+    for parameter in model[:4].parameters():
+        parameter.requires_grad_(False)
+    head = [p for p in model.parameters() if p.requires_grad]
+    for method in ["exact", "forward_mode"]:
+        penalty = gradmask_penalty(model, x, mask, saliency="layer_gradient_x_activation", layer=model[4],
+                                   method=method).penalty
+        gradients = torch.autograd.grad(penalty, head)
+        assert relative_error([penalty], [reference_value]) <= FLOAT64_TOLERANCE
+        assert relative_error(gradients, reference_gradients[-len(head):]) <= FLOAT64_TOLERANCE
+    assert not x.requires_grad
