@@ -59,7 +59,8 @@ def print_table(rows, n_regions):
 def save_figure(path, images, regions, single_masks, order):
     """Rows: the image, the single-shot mask, the unveiling order; lesions contoured."""
     n_shown = min(4, len(images))
-    figure, axes = plt.subplots(3, n_shown, figsize=(2.4 * n_shown + 1, 7.5), squeeze=False)
+    figure, axes = plt.subplots(3, n_shown, figsize=(2.4 * n_shown + 1, 7.5), squeeze=False, layout="constrained")
+    figure.suptitle("lime contour: the lesions", fontsize=9)
     order_colours = plt.get_cmap("viridis", N_ITER)
     for column in range(n_shown):
         lesions = [regions[column, :, 0].any(dim=0, keepdim=True)]
@@ -67,11 +68,13 @@ def save_figure(path, images, regions, single_masks, order):
         single = single_masks[column].float().masked_fill(~single_masks[column], float("nan"))
         viz.show(axes[0, column], images[column], masks=lesions, title="image, lesions" if column == 0 else None)
         viz.show(axes[1, column], images[column], overlay=single, masks=lesions, scale=(0, 1), cmap="cool",
-                 title="single-shot mask" if column == 0 else None)
+                 title="single shot: refine_mask(Saliency)" if column == 0 else None)
         shown = viz.show(axes[2, column], images[column], overlay=found_at, masks=lesions,
                          scale=(0.5, N_ITER + 0.5), cmap=order_colours,
-                         title="unveiling: iteration found" if column == 0 else None)
-    figure.colorbar(shown, ax=axes[2, :].tolist(), ticks=range(1, N_ITER + 1), shrink=0.8, label="iteration")
+                         title="IterativeUnveiling(Saliency): iteration that found\neach pixel (the lesions first, then background)"
+                         if column == 0 else None)
+    figure.colorbar(shown, ax=axes[2, :].tolist(), ticks=range(1, N_ITER + 1), shrink=0.8,
+                    label="iteration")
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
