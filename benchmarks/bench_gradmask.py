@@ -9,8 +9,9 @@ One training step (forward, loss, backward, optimizer step) of nine losses:
     forward     cross-entropy + GradMask(model, method="forward_mode")
     finite_diff cross-entropy + GradMask(model, method="finite_difference")
     expected_gr cross-entropy + GradMask(model, saliency="expected_gradients")
-    gxa mid     cross-entropy + GradMask(model, saliency="layer_gradient_x_activation",
-                layer=a middle layer: 1/8 of the input's side on the big networks)
+    gxa half    cross-entropy + GradMask(model, saliency="layer_gradient_x_activation",
+                layer=the first layer at half the input's side, after the stem)
+    gxa mid     the same at a middle layer (1/8 of the side on the big networks)
     gxa last    the same at the last layer before global pooling (1/32)
     cam last    saliency="layer_grad_cam" at the last layer
 
@@ -50,7 +51,8 @@ from _measure import interleaved_medians, peak_memory_mib, synchronize
 from _networks import densenet, resnet
 
 PENALTY_WEIGHT = 10.0
-LOSSES = ["ce", "hand", "exact", "forward", "finite_diff", "expected_gr", "gxa mid", "gxa last", "cam last"]
+LOSSES = ["ce", "hand", "exact", "forward", "finite_diff", "expected_gr", "gxa half", "gxa mid", "gxa last",
+          "cam last"]
 
 
 # --- models ---
@@ -79,17 +81,17 @@ def monai_densenet121_3d():
 
 
 # name: (model, input shape of one example, batch size, default repeats,
-#        model -> (middle layer, last layer before global pooling))
+#        model -> (layer at half the side, middle layer, last layer before global pooling))
 MODELS = {
-    "small CNN 2-D": (lambda: small_cnn(2), (1, 48, 48), 32, 30, lambda m: (m[6], m[-4])),
-    "small CNN 3-D": (lambda: small_cnn(3), (1, 32, 32, 32), 4, 30, lambda m: (m[6], m[-4])),
-    # DenseNet: the end of dense block 2 (1/8) and the last ReLU (1/32)
-    "DenseNet121 2-D": (lambda: densenet(2), (1, 128, 128), 4, 5, lambda m: (m[25], m[-4])),
-    # ResNet-18: the end of stage 2 (1/8) and of stage 4 (1/32)
-    "ResNet-18 3-D": (lambda: resnet(3), (1, 64, 64, 64), 2, 5, lambda m: (m[7], m[11])),
+    "small CNN 2-D": (lambda: small_cnn(2), (1, 48, 48), 32, 30, lambda m: (m[6], m[7], m[-4])),
+    "small CNN 3-D": (lambda: small_cnn(3), (1, 32, 32, 32), 4, 30, lambda m: (m[6], m[7], m[-4])),
+    # DenseNet: the stem's ReLU (1/2), the end of dense block 2 (1/8), the last ReLU (1/32)
+    "DenseNet121 2-D": (lambda: densenet(2), (1, 128, 128), 4, 5, lambda m: (m[2], m[25], m[-4])),
+    # ResNet-18: the stem's ReLU (1/2), the end of stage 2 (1/8) and of stage 4 (1/32)
+    "ResNet-18 3-D": (lambda: resnet(3), (1, 64, 64, 64), 2, 5, lambda m: (m[2], m[7], m[11])),
     "MONAI DenseNet121 3-D": (
         monai_densenet121_3d, (1, 64, 64, 64), 2, 5,
-        lambda m: (m.features.denseblock2, m.class_layers.relu),
+        lambda m: (m.features.relu0, m.features.denseblock2, m.class_layers.relu),
     ),
 }
 
@@ -125,10 +127,11 @@ def gradmask_loss(gradmask, images, labels, mask):
     return F.cross_entropy(outputs, labels) + PENALTY_WEIGHT * penalty
 
 
-def loss_functions(model, middle_layer, last_layer):
+def loss_functions(model, half_layer, middle_layer, last_layer):
     """name -> (images, labels, mask) -> loss, for the names in LOSSES."""
     gradient_x_activation = "layer_gradient_x_activation"
     ours = {
+        "gxa half": GradMask(model, saliency=gradient_x_activation, layer=half_layer),
         "exact": GradMask(model, method="exact"),
         "forward": GradMask(model, method="forward_mode"),
         "finite_diff": GradMask(model, method="finite_difference"),
@@ -183,15 +186,17 @@ def benchmark_model(name, device, repeats):
     # same weights (random data would otherwise drive them to overflow).
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     batch = make_batch(shape, batch_size, device)
-    middle_layer, last_layer = layers_of(model)
+    half_layer, middle_layer, last_layer = layers_of(model)
     steps = {
         loss: training_step(function, optimizer, batch)
-        for loss, function in loss_functions(model, middle_layer, last_layer).items()
+        for loss, function in loss_functions(model, half_layer, middle_layer, last_layer).items()
     }
     times = milliseconds(interleaved_medians(steps, repeats, device))
     memory = {loss: peak_memory_mib(step, device) for loss, step in steps.items()}
+    sides = {label: output_side(model, layer, batch[0])
+             for label, layer in [("half", half_layer), ("mid", middle_layer), ("last", last_layer)]}
     print(f"\n{name}: {batch_size} x {'x'.join(map(str, shape))}, median of {repeats}; layer maps: "
-          f"mid {output_side(model, middle_layer, batch[0])}, last {output_side(model, last_layer, batch[0])}")
+          + ", ".join(f"{label} {side}" for label, side in sides.items()))
     print(
         f"{'loss':<12} {'step (ms)':>10} {'vs hand':>8} {'vs ce':>7} "
         f"{'peak (MiB)':>11} {'vs hand':>8} {'vs ce':>7}"
