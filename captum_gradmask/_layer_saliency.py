@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_gradmask._validation import values_checked, warn_at_caller
+
 LAYER_SALIENCIES = ("layer_gradient_x_activation", "layer_grad_cam")
 INTERPOLATION_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}
 
@@ -80,11 +82,11 @@ class LayerTap:
         expected = f"(N={inputs.shape[0]}, K, {', '.join(['*'] * (inputs.dim() - 2))})"
         if not isinstance(output, Tensor):
             raise TypeError(f"layer {name} must output a Tensor {expected}, got a {type(output).__name__}")
-        if output.dim() != inputs.dim() or output.shape[0] != inputs.shape[0]:
+        if output.dim() != inputs.dim() or output.shape[0] != inputs.shape[0] or output.shape[2:].numel() == 1:
             raise ValueError(
                 f"layer {name} must output a map {expected} with the inputs' "
-                f"{inputs.dim() - 2} spatial dims, got shape {tuple(output.shape)}; pick a "
-                "convolutional layer (before global pooling)"
+                f"{inputs.dim() - 2} spatial dims, larger than one pixel, got shape "
+                f"{tuple(output.shape)}; pick a convolutional layer (before global pooling)"
             )
         return output
 
@@ -95,8 +97,27 @@ def layer_map_function(saliency: str, activation: Tensor, input_size: torch.Size
     mode = INTERPOLATION_MODES[len(spatial_dims)]
 
     def map_of(gradient: Tensor) -> Tensor:
-        weights = gradient.mean(spatial_dims, keepdim=True) if saliency == "layer_grad_cam" else gradient
+        weights = gradient
+        if saliency == "layer_grad_cam":
+            weights = gradient.mean(spatial_dims, keepdim=True)
+            _warn_if_channel_weights_vanish(weights, gradient)
         layer_map = (weights * activation).sum(1, keepdim=True)
         return F.interpolate(layer_map, size=tuple(input_size), mode=mode, align_corners=False)
 
     return map_of
+
+
+def _warn_if_channel_weights_vanish(weights: Tensor, gradient: Tensor) -> None:
+    """Grad-CAM's weights are the spatial means of dS/dA. A BatchNorm in training mode
+    right after the layer makes its input gradient average to 0 per channel over the
+    batch and space: at batch size 1 every weight is 0 and the penalty with it."""
+    if not values_checked():
+        return
+    largest_gradient = gradient.detach().abs().amax()
+    if bool(largest_gradient > 0) and bool(weights.detach().abs().amax() <= 1e-6 * largest_gradient):
+        warn_at_caller(
+            "saliency='layer_grad_cam': the channel weights (spatial means of dS/dA) "
+            "vanish, and the penalty with them; a BatchNorm in training mode right after "
+            "the layer does this at batch size 1. Pick the layer after the BatchNorm, or "
+            "saliency='layer_gradient_x_activation'"
+        )

@@ -103,7 +103,8 @@ def main():
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure = viz.map_grid(images, maps, masks, signed=True, colour_bar_label="signed gradient")
-    figure.suptitle("finding A: lime contour, B: orange", fontsize=9)
+    figure.suptitle("finding A: lime contour, B: orange. ContrastSaliency is the gradient of |z_A - z_B|: "
+                    "its sign follows whichever of A and B scores higher in that image", fontsize=9)
     figure.savefig(out, dpi=100)
     print(f"\nfigure saved to {out} ({time.perf_counter() - start:.1f} s)")
 

@@ -152,19 +152,19 @@ def train_unet(train_items, epochs, device, seed):
 
 
 def save_figure(path, volume, mask, saliencies, probability, mutual_information):
-    """Slices through the lesion's centre: the volume, both classifiers' saliency on one
-    scale, the UNet's lesion probability and mutual information; the lesion contoured."""
+    """Slices through the lesion's centre: the volume, both classifiers' saliency (each
+    on its own scale), the UNet's lesion probability and mutual information; the lesion contoured."""
     plt = import_optional("matplotlib.pyplot")
     at_lesion = mask.reshape(mask.shape[-3:]).sum(dim=(0, 1)).argmax().item()
     volume, mask = volume[0], mask.reshape(1, *mask.shape[-3:])
     figure, axes = plt.subplots(1, 5, figsize=(17, 3.6), layout="constrained")
     figure.suptitle(f"slice {at_lesion} through a test lesion (lime contour)", fontsize=9)
     viz.show(axes[0], volume, masks=[mask], slice_index=at_lesion, title="volume")
-    scale = viz.shared_scale([s[:, ..., at_lesion] for s in saliencies.values()], signed=False)
-    for axis, (name, saliency) in zip(axes[1:3], saliencies.items()):
+    for axis, (name, saliency) in zip(axes[1:3], saliencies.items()):  # each on its own scale (7x apart)
+        scale = viz.shared_scale([saliency[..., at_lesion]], signed=False)
         artist = viz.show(axis, overlay=saliency[0], masks=[mask], scale=scale, slice_index=at_lesion,
                           title=f"|saliency|,\n{name}")
-    figure.colorbar(artist, ax=axes[1:3].tolist(), shrink=0.8, label="|d(z_1 - z_0)/dx|")
+        figure.colorbar(artist, ax=axis, shrink=0.8, label="|d(z_1 - z_0)/dx|")
     for axis, (name, values, unit) in zip(axes[3:], [("UNet: mean p(lesion)", probability, "probability"),
                                                      ("UNet: mutual information", mutual_information, "nats")]):
         artist = viz.show(axis, overlay=values, masks=[mask], slice_index=at_lesion, title=name)

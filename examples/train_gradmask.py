@@ -228,7 +228,8 @@ def save_figure(path, figure_data, n_shown=4):
     figure, axes = plt.subplots(len(figure_data) * rows_per_artifact, n_shown,
                                 figsize=(2.2 * n_shown + 1, 2.2 * len(figure_data) * rows_per_artifact),
                                 squeeze=False, layout="constrained")
-    figure.suptitle("lime contour: the lesion; orange: the corner where the artifact is drawn", fontsize=9)
+    figure.suptitle("lime contour: the lesion; orange: the corner where the artifact is drawn; "
+                    "one colour scale per row", fontsize=9)
     for block, (artifact, (models, test_set)) in enumerate(figure_data.items()):
         top = rows_per_artifact * block
         shown = (test_set.labels == 1) & test_set.has_artifact
@@ -243,7 +244,7 @@ def save_figure(path, figure_data, n_shown=4):
             in_lesion = relevance_mass_accuracy(maps, masks)
             on_artifact = relevance_mass_accuracy(maps, zones)
             scale = viz.shared_scale([maps], signed=False)
-            name = f"{setting.name.split(' (')[0]}\nintegrated gradients"
+            name = f"model: {setting.name.split(' (')[0]}\n|integrated gradients|"
             for column, axis in enumerate(axes[top + offset]):
                 artist = viz.show(axis, overlay=maps[column], masks=[masks[column], zones[column]], scale=scale,
                                   title=f"{name}\nlesion {in_lesion[column]:.2f}, artifact {on_artifact[column]:.2f}")

@@ -189,7 +189,7 @@ def test_a_layer_run_twice_or_without_spatial_output_is_refused():
     twice = lambda inputs: model(inputs) + model(inputs)  # noqa: E731
     with pytest.raises(ValueError, match=r"layer ReLU ran 2 times in one forward pass; pass a module that runs once"):
         gradmask_penalty(twice, x, mask, saliency="layer_grad_cam", layer=model[4])
-    with pytest.raises(ValueError, match=r"layer Flatten must output a map \(N=1, K, \*, \*\) with the inputs' 2 spatial dims, got shape \(1, 4\); pick a convolutional layer"):
+    with pytest.raises(ValueError, match=r"layer Flatten must output a map \(N=1, K, \*, \*\) with the inputs' 2 spatial dims, larger than one pixel, got shape \(1, 4\); pick a convolutional layer"):
         gradmask_penalty(model, x, mask, saliency="layer_grad_cam", layer=model[6])
     assert not model[4]._forward_hooks and not model[6]._forward_hooks
     before = [p.clone() for p in model.parameters()]
@@ -237,3 +237,20 @@ def test_a_frozen_network_below_the_layer(device):
         assert relative_error([penalty], [reference_value]) <= FLOAT64_TOLERANCE
         assert relative_error(gradients, reference_gradients[-len(head):]) <= FLOAT64_TOLERANCE
     assert not x.requires_grad
+
+
+def test_grad_cam_warns_when_its_channel_weights_vanish():
+    """A BatchNorm in training mode right after the layer: at batch size 1 the
+    gradient into the layer averages to 0 per channel, and Grad-CAM's weights too."""
+    model, x, mask = network_and_batch("batchnorm_train", 2, 1, "cpu")
+    with pytest.warns(UserWarning, match="saliency='layer_grad_cam': the channel weights .* vanish"):
+        gradmask_penalty(model, x, mask, saliency="layer_grad_cam", layer=model[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        gradmask_penalty(model, x, mask, saliency="layer_grad_cam", layer=model[2])  # after BatchNorm, ReLU
+
+
+def test_a_layer_without_spatial_extent_is_refused():
+    model, x, mask = network_and_batch("relu_maxpool", 2, 1, "cpu")
+    with pytest.raises(ValueError, match=r"layer AdaptiveAvgPool2d must output a map .* larger than one pixel, got shape \(1, 4, 1, 1\)"):
+        gradmask_penalty(model, x, mask, saliency="layer_grad_cam", layer=model[5])
