@@ -15,6 +15,7 @@ from benchmarks._networks import relu_cnn
 from captum_gradmask import GradMask, gradmask_penalty
 from helpers import parameter_gradients, reference_penalty, relative_error
 from test_gradmask_networks import NETWORKS, double_backward_attention, network_and_batch
+from test_gradmask_networks import ours as networks_ours
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -41,10 +42,8 @@ def reference(model, x, mask, **options):
 
 
 def ours(model, x, mask, method, **options):
-    with warnings.catch_warnings(), double_backward_attention(method):
-        warnings.simplefilter("ignore")  # BatchNorm in training mode: asserted elsewhere
-        penalty = gradmask_penalty(model, x, mask, method=method, layer=chosen_layer(model), **options).penalty
-    return penalty, parameter_gradients(penalty, model)
+    """test_gradmask_networks' call, at the chosen layer (no random draws to seed)."""
+    return networks_ours(model, x, mask, method, seed=0, layer=chosen_layer(model), **options)
 
 
 @pytest.mark.parametrize("name", NETWORKS)
